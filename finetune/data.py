@@ -100,7 +100,7 @@ class Skips(Counter):
     def add(self, reason: str, qid: str) -> None:
         self[reason] += 1
         self.ids.setdefault(reason, [])
-        if len(self.ids[reason]) < 5:
+        if len(self.ids[reason]) < 5 and qid not in self.ids[reason]:
             self.ids[reason].append(qid)
 
     def report(self) -> dict:
