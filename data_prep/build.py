@@ -1,0 +1,604 @@
+"""The build: tokenize every input once, pair and mask per seq len, write balanced shards.
+
+Three passes, each resumable because every finished piece is renamed into place atomically:
+  1. tokenize  - per input unit (file or row range), in a worker pool: documents -> sentences
+                 (blingfire) -> WordPiece ids (tokenizers). Output: .work/tok/<hash>/
+  2. pair      - per unit and seq len, in the pool: BERT sample pairs (+ static masks). Random
+                 "next" segments come from any unit's tokens (memory-mapped), so the result does
+                 not depend on how units were spread over workers. Output: .work/seq<L>/<hash>/
+  3. shard     - one streaming pass per seq len: global sample i goes to shard i mod K, so shards
+                 differ by at most one sample and each is a stride through the whole corpus.
+Every random choice comes from an RNG seeded by (seed, seq len, dupe, unit index), never by worker.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import shardio
+from .config import BuildConfig
+from .readers import DataPrepError, ReadStats, Unit, discover, iter_documents
+from .samples import MaskSpec, PairOptions, default_max_predictions, document_pairs, mask_sample
+from .vocab import Vocab, load_vocab, save_dir
+
+FORMAT_VERSION = "data_prep/1"
+_FLUSH_TOKENS = 1 << 22  # buffer ~4M tokens per worker before appending to disk
+_MERGE_GROUP_TOKENS = 1 << 25  # tokens gathered per merge step before writing to the K shards
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+class _Appender:
+    """Raw per-array files in a temp directory, renamed into place when complete."""
+
+    def __init__(self, final: Path, dtypes: dict[str, np.dtype]):
+        self.final = final
+        self.tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.dtypes = dtypes
+        self.buf: dict[str, list] = {k: [] for k in dtypes}
+        self.files = {k: open(self.tmp / f"{k}.bin", "wb") for k in dtypes}
+
+    def add(self, name: str, arr) -> None:
+        self.buf[name].append(np.asarray(arr, dtype=self.dtypes[name]))
+
+    def flush(self) -> None:
+        for k, parts in self.buf.items():
+            if parts:
+                self.files[k].write(np.concatenate(parts).tobytes())
+                parts.clear()
+
+    def commit(self, meta: dict) -> None:
+        self.flush()
+        for f in self.files.values():
+            f.close()
+        (self.tmp / "meta.json").write_text(json.dumps(meta, sort_keys=True))
+        os.replace(self.tmp, self.final)
+
+
+def _load_raw(d: Path, name: str, dtype) -> np.ndarray:
+    p = d / f"{name}.bin"
+    return np.memmap(p, dtype=dtype, mode="r") if p.stat().st_size else np.zeros(0, dtype)
+
+
+# ----------------------------------------------------------------------------- pass 1: tokenize
+
+@dataclass
+class _TokJob:
+    unit: Unit
+    out: str
+
+
+_W: dict = {}  # per-worker-process state set by the pool initializer
+
+
+def _init_worker(state: dict) -> None:
+    os.environ["RAYON_NUM_THREADS"] = "1"  # one worker = one core, so --workers means what it says
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    _W.clear()
+    _W.update(state)
+
+
+def _tokenize_unit(job: _TokJob) -> dict:
+    try:
+        return _tokenize_unit_inner(job)
+    except OSError as e:  # unreadable file, disk full: name the input rather than show a worker traceback
+        raise DataPrepError(f"{job.unit.label()}: {e.strerror or e}") from None
+
+
+def _tokenize_unit_inner(job: _TokJob) -> dict:
+    import blingfire
+
+    cfg: BuildConfig = _W["cfg"]
+    vocab: Vocab = _W["vocab"]
+    tok = _W.get("tokenizer")
+    if tok is None:
+        tok = _W["tokenizer"] = vocab.tokenizer()
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    max_sent = max(cfg.seq_lens) - 3
+    dtype = _token_dtype(vocab.size)
+    stats = ReadStats()
+    out = _Appender(Path(job.out), {"tokens": dtype, "sent_len": np.int32, "doc_sents": np.int64})
+    pending: list[str] = []  # sentences waiting for one batched encode call
+    pending_docs: list[int] = []  # sentence count per pending document
+    counts = {"sentences": 0, "tokens": 0, "empty_documents": 0, "split_sentences": 0, "chars": 0}
+
+    def encode_pending() -> None:
+        if not pending:
+            return
+        encs = encode(pending, add_special_tokens=False)
+        ids = [e.ids for e in encs]
+        k = 0
+        for n in pending_docs:
+            lens = []
+            for sid in ids[k:k + n]:
+                if not sid:
+                    continue
+                for s in range(0, len(sid), max_sent):  # a sentence longer than any sample is cut
+                    lens.append(min(max_sent, len(sid) - s))
+                counts["split_sentences"] += (len(sid) - 1) // max_sent
+            flat = list(itertools.chain.from_iterable(x for x in ids[k:k + n] if x))
+            k += n
+            if not lens:
+                counts["empty_documents"] += 1
+                continue
+            out.add("tokens", np.array(flat, dtype=dtype))
+            out.add("sent_len", lens)
+            out.add("doc_sents", [len(lens)])
+            counts["sentences"] += len(lens)
+            counts["tokens"] += len(flat)
+        pending.clear()
+        pending_docs.clear()
+        out.flush()
+
+    for doc in iter_documents(job.unit, stats, min_doc_chars=cfg.min_doc_chars, max_doc_chars=cfg.max_doc_chars,
+                              max_line_chars=cfg.max_line_chars, text_key=cfg.text_key):
+        n0 = len(pending)
+        for para in doc:
+            counts["chars"] += len(para)
+            pending.extend(s for s in blingfire.text_to_sentences(para).split("\n") if s.strip())
+        pending_docs.append(len(pending) - n0)
+        if len(pending) >= 8192:
+            encode_pending()
+    encode_pending()
+    docs = stats.documents - counts["empty_documents"]
+    meta = {"unit": job.unit.label(), "format": job.unit.fmt, "documents": docs, **counts,
+            "problems": {k: getattr(stats, k) for k in ("invalid_utf8", "long_lines", "short_documents",
+                                                        "split_documents", "bad_records")},
+            "messages": stats.messages}
+    meta["problems"]["empty_documents"] = counts.pop("empty_documents")
+    meta["problems"]["split_sentences"] = counts.pop("split_sentences")
+    meta.pop("empty_documents", None)
+    meta.pop("split_sentences", None)
+    out.commit(meta)
+    _maybe_crash()
+    return meta
+
+
+def _maybe_crash() -> None:
+    """Test hook: DATA_PREP_CRASH_AFTER=N kills the process after N finished units (as a power cut would)."""
+    n = os.environ.get("DATA_PREP_CRASH_AFTER")
+    if n is not None:
+        _W["done"] = _W.get("done", 0) + 1
+        if _W["done"] >= int(n):
+            os._exit(137)
+
+
+# ----------------------------------------------------------------------------- pass 2: pair
+
+class _TokUnit:
+    """A tokenized unit, memory-mapped."""
+
+    def __init__(self, d: str, dtype):
+        p = Path(d)
+        self.tokens = _load_raw(p, "tokens", dtype)
+        self.sent_off = np.concatenate([[0], np.cumsum(_load_raw(p, "sent_len", np.int32), dtype=np.int64)])
+        self.doc_off = np.concatenate([[0], np.cumsum(_load_raw(p, "doc_sents", np.int64))])
+
+    def doc(self, i: int) -> "_DocView":
+        return _DocView(self, int(self.doc_off[i]), int(self.doc_off[i + 1]))
+
+
+class _DocView:
+    """The sentences of one document, sliced on demand (a book has tens of thousands)."""
+
+    def __init__(self, u: _TokUnit, lo: int, hi: int):
+        self.u, self.lo, self.hi = u, lo, hi
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        s = self.lo + j
+        return self.u.tokens[self.u.sent_off[s]:self.u.sent_off[s + 1]]
+
+    def all(self) -> list[np.ndarray]:
+        off, t = self.u.sent_off, self.u.tokens
+        return [t[off[s]:off[s + 1]] for s in range(self.lo, self.hi)]
+
+
+@dataclass
+class _PairJob:
+    index: int  # unit index in the global (sorted) order: part of every RNG seed
+    seq_len: int
+    max_predictions: int
+    out: str
+
+
+def _pair_unit(job: _PairJob) -> dict:
+    cfg: BuildConfig = _W["cfg"]
+    vocab: Vocab = _W["vocab"]
+    tok_dirs: list[str] = _W["tok_dirs"]
+    doc_cum: np.ndarray = _W["doc_cum"]
+    dtype = _token_dtype(vocab.size)
+    load = _W.get("load")
+    if load is None:  # an LRU of opened units: random "next" segments may come from any of them
+        load = _W["load"] = functools.lru_cache(maxsize=64)(lambda i: _TokUnit(tok_dirs[i], dtype))
+    ids = vocab.special_ids
+    cls_, sep = ids["[CLS]"], ids["[SEP]"]
+    spec = MaskSpec.from_tokens(vocab.tokens, ids["[MASK]"], ids.values(), mask_prob=cfg.mask_prob,
+                                max_predictions=job.max_predictions, whole_word=cfg.whole_word_mask)
+    static = cfg.masking == "static"
+    opt = PairOptions(job.seq_len, cfg.pair_task, cfg.short_seq_prob)
+    names = {"tokens": dtype, "length": np.uint16, "a_len": np.uint16, "label": np.uint8, "doc": np.int64}
+    if static:
+        names |= {"mask_count": np.uint16, "mask_pos": np.uint16, "mask_label": dtype}
+    out = _Appender(Path(job.out), names)
+    unit = load(job.index)
+    total_docs = int(doc_cum[-1])
+    counts = {"samples": 0, "tokens": 0, "masked": 0, "label_0": 0, "label_1": 0}
+    buffered = 0
+    for dupe in range(cfg.dupe_factor):
+        rng = np.random.default_rng([cfg.seed, job.seq_len, dupe, job.index])
+        for d in range(len(unit.doc_off) - 1):
+            gdoc = int(doc_cum[job.index]) + d
+
+            def random_doc(r: np.random.Generator, _self=gdoc) -> _DocView:
+                for _ in range(10):
+                    g = int(r.integers(0, total_docs))
+                    if g != _self:
+                        break
+                u = int(np.searchsorted(doc_cum, g, side="right") - 1)
+                return load(u).doc(g - int(doc_cum[u]))
+
+            for a, b, label in document_pairs(unit.doc(d).all(), rng, opt, random_doc):
+                sample = np.concatenate([[cls_], a, [sep], b, [sep]]).astype(dtype)
+                if static:
+                    sample, pos, lab = mask_sample(sample, rng, spec)
+                    out.add("mask_count", [len(pos)])
+                    out.add("mask_pos", pos)
+                    out.add("mask_label", lab)
+                    counts["masked"] += len(pos)
+                out.add("tokens", sample)
+                out.add("length", [len(sample)])
+                out.add("a_len", [len(a) + 2])
+                out.add("label", [label])
+                out.add("doc", [gdoc])
+                counts["samples"] += 1
+                counts["tokens"] += len(sample)
+                counts[f"label_{label}"] += 1
+                buffered += len(sample)
+                if buffered >= _FLUSH_TOKENS:
+                    out.flush()
+                    buffered = 0
+    out.commit(counts)
+    _maybe_crash()
+    return counts
+
+
+# ----------------------------------------------------------------------------- pass 3: shard
+
+def _write_shards(seq_dir: Path, pair_dirs: list[Path], cfg: BuildConfig, dtype, progress) -> list[dict]:
+    K = cfg.shards
+    static = cfg.masking == "static"
+    # Sizes first (lengths only), so each shard file is laid out once and filled in place.
+    n_samples = np.zeros(K, np.int64)
+    n_tokens = np.zeros(K, np.int64)
+    n_masks = np.zeros(K, np.int64)
+    base = 0
+    for d in pair_dirs:
+        lengths = _load_raw(d, "length", np.uint16)
+        shard = (base + np.arange(len(lengths))) % K
+        n_samples += np.bincount(shard, minlength=K)
+        n_tokens += np.bincount(shard, weights=lengths, minlength=K).astype(np.int64)
+        if static:
+            n_masks += np.bincount(shard, weights=_load_raw(d, "mask_count", np.uint16), minlength=K).astype(np.int64)
+        base += len(lengths)
+    total = base
+    if total < K:
+        raise DataPrepError(f"only {total} samples at seq len {seq_dir.name[3:]}, fewer than --shards {K}: "
+                            f"give more text or fewer shards")
+    width = max(5, len(str(K - 1)))
+    writers = []
+    for k in range(K):
+        specs = {"tokens": (dtype, n_tokens[k]), "offsets": (np.int64, n_samples[k] + 1),
+                 "a_len": (np.uint16, n_samples[k]), "label": (np.uint8, n_samples[k]), "doc": (np.int64, n_samples[k])}
+        if static:
+            specs |= {"mask_offsets": (np.int64, n_samples[k] + 1), "mask_pos": (np.uint16, n_masks[k]),
+                      "mask_label": (dtype, n_masks[k])}
+        w = shardio.ShardWriter(seq_dir / f"shard_{k:0{width}d}.bin", specs,
+                                {"shard": k, "num_shards": K, "num_samples": int(n_samples[k])})
+        w.append_many({"offsets": np.zeros(1, np.int64), **({"mask_offsets": np.zeros(1, np.int64)} if static else {})})
+        writers.append(w)
+    tok_cursor = np.zeros(K, np.int64)
+    mask_cursor = np.zeros(K, np.int64)
+
+    group: list[tuple[int, Path]] = []
+    group_tokens = 0
+    base = 0
+
+    def flush() -> None:
+        nonlocal group, group_tokens
+        per_shard: list[dict[str, list]] = [dict() for _ in range(K)]
+        for gbase, d in group:
+            length = _load_raw(d, "length", np.uint16).astype(np.int64)
+            off = np.concatenate([[0], np.cumsum(length)])
+            toks = _load_raw(d, "tokens", dtype)
+            cols = {"a_len": _load_raw(d, "a_len", np.uint16), "label": _load_raw(d, "label", np.uint8),
+                    "doc": _load_raw(d, "doc", np.int64)}
+            if static:
+                mcount = _load_raw(d, "mask_count", np.uint16).astype(np.int64)
+                moff = np.concatenate([[0], np.cumsum(mcount)])
+                mpos, mlab = _load_raw(d, "mask_pos", np.uint16), _load_raw(d, "mask_label", dtype)
+            n = len(length)
+            for k in range(K):
+                rows = np.arange((k - gbase) % K, n, K)
+                if len(rows) == 0:
+                    continue
+                parts = per_shard[k]
+                parts.setdefault("tokens", []).append(toks[_ragged(off, rows)])
+                parts.setdefault("lengths", []).append(length[rows])
+                for name, col in cols.items():
+                    parts.setdefault(name, []).append(col[rows])
+                if static:
+                    parts.setdefault("mask_pos", []).append(mpos[_ragged(moff, rows)])
+                    parts.setdefault("mask_label", []).append(mlab[_ragged(moff, rows)])
+                    parts.setdefault("mask_counts", []).append(mcount[rows])
+        for k, parts in enumerate(per_shard):
+            if not parts:
+                continue
+            arrays = {name: np.concatenate(v) for name, v in parts.items()}
+            lengths = arrays.pop("lengths")
+            arrays["offsets"] = tok_cursor[k] + np.cumsum(lengths)
+            tok_cursor[k] += lengths.sum()
+            if static:
+                mc = arrays.pop("mask_counts")
+                arrays["mask_offsets"] = mask_cursor[k] + np.cumsum(mc)
+                mask_cursor[k] += mc.sum()
+            writers[k].append_many(arrays)
+        group, group_tokens = [], 0
+
+    for d in pair_dirs:
+        n = int((d / "length.bin").stat().st_size // 2)
+        group.append((base, d))
+        group_tokens += (d / "tokens.bin").stat().st_size // dtype.itemsize
+        base += n
+        if group_tokens >= _MERGE_GROUP_TOKENS:
+            flush()
+        progress.update(1)
+    flush()
+    shards = []
+    for k, w in enumerate(writers):
+        digest = w.close()
+        shards.append({"path": w.path.name, "num_samples": int(n_samples[k]), "num_tokens": int(n_tokens[k]),
+                       "sha256": digest})
+    return shards
+
+
+def _ragged(offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Flat indices of the variable-length rows `rows` of a ragged array with the given offsets."""
+    starts, ends = offsets[rows], offsets[rows + 1]
+    lens = ends - starts
+    if lens.sum() == 0:
+        return np.zeros(0, np.int64)
+    shift = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    return np.arange(lens.sum()) + shift
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _progress(cfg: BuildConfig, **kw):
+    from tqdm import tqdm
+
+    return tqdm(disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr, **kw)
+
+
+def _pool(cfg: BuildConfig, state: dict):
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    return ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(state,))
+
+
+def _run(pool, fn, jobs, bar, on_result=None):
+    for res in pool.imap_unordered(fn, jobs):
+        if on_result:
+            on_result(res)
+        bar.update(1)
+
+
+def build(cfg: BuildConfig) -> dict[int, dict]:
+    """Run (or resume) a build; returns the manifest of each seq len."""
+    out = Path(cfg.output)
+    vocab = load_vocab(cfg.vocab, cfg.lowercase)
+    units, skipped = discover(cfg.inputs, cfg.fmt)
+    if not units:
+        why = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5]) or "no files"
+        raise DataPrepError(f"no usable input ({why})")
+    max_preds = cfg.max_predictions or tuple(default_max_predictions(L, cfg.mask_prob) for L in cfg.seq_lens)
+    dtype = _token_dtype(vocab.size)
+    # What the bytes of each piece depend on; anything else (workers, progress) may change freely.
+    read_opts = (vocab.sha256, cfg.min_doc_chars, cfg.max_doc_chars, cfg.max_line_chars, cfg.text_key,
+                 max(cfg.seq_lens), FORMAT_VERSION)
+
+    def unit_key(u: Unit) -> str:
+        st = os.stat(u.path) if os.path.isfile(u.path) else os.stat(Path(u.path) / "state.json") \
+            if (Path(u.path) / "state.json").exists() else os.stat(u.path)
+        return _hash(u.path, u.fmt, u.start, u.stop, u.split, st.st_size, st.st_mtime_ns, read_opts)
+
+    keys = [unit_key(u) for u in units]
+    build_opts = {k: v for k, v in cfg.to_dict().items()
+                  if k not in ("workers", "progress", "keep_work", "overwrite", "output", "inputs", "vocab")}
+    build_id = _hash(keys, build_opts, max_preds)
+    seq_dirs = {L: out / f"seq{L}" for L in cfg.seq_lens}
+    manifests = {}
+    for L, d in seq_dirs.items():
+        m = d / "manifest.json"
+        if m.is_file():
+            old = json.loads(m.read_text())
+            if old.get("build_id") == build_id:
+                manifests[L] = old
+            elif not cfg.overwrite:
+                raise DataPrepError(f"{d} already holds a build with other inputs or options; "
+                                    f"choose a new --output or pass --overwrite")
+    if len(manifests) == len(seq_dirs):
+        print(f"data_prep: {out} is already complete for these inputs and options; nothing to do", file=sys.stderr)
+        return manifests
+    work = out / ".work"
+    (work / "tok").mkdir(parents=True, exist_ok=True)
+    for leftover in work.glob("*/*.tmp*"):  # pieces of an interrupted run; finished pieces are kept
+        shutil.rmtree(leftover, ignore_errors=True)
+
+    state = {"cfg": cfg, "vocab": vocab}
+    tok_dirs = [str(work / "tok" / k) for k in keys]
+    metas: dict[int, dict] = {}
+    todo = []
+    for i, (u, d) in enumerate(zip(units, tok_dirs)):
+        if (Path(d) / "meta.json").is_file():
+            metas[i] = json.loads((Path(d) / "meta.json").read_text())
+        else:
+            todo.append(i)
+    t0 = time.perf_counter()
+    try:
+        if todo:
+            with _pool(cfg, state) as pool, _progress(cfg, total=len(units), initial=len(units) - len(todo),
+                                                       desc="tokenize", unit="file") as bar:
+                done = {"docs": 0, "tokens": 0}
+                index_of = {d: i for i, d in enumerate(tok_dirs)}
+
+                def got(meta):
+                    done["docs"] += meta["documents"]
+                    done["tokens"] += meta["tokens"]
+                    dt = max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(f"{done['docs'] / dt:,.0f} docs/s, {done['tokens'] / dt:,.0f} tok/s")
+
+                results = pool.imap_unordered(_tokenize_unit, [_TokJob(units[i], tok_dirs[i]) for i in todo])
+                for meta in results:
+                    got(meta)
+                    bar.update(1)
+                pool.close()
+                pool.join()
+            for i in todo:
+                metas[i] = json.loads((Path(tok_dirs[i]) / "meta.json").read_text())
+        tokenize_s = time.perf_counter() - t0
+
+        # Units with no documents take no part in pairing (and cannot be drawn as random documents).
+        live = [i for i in range(len(units)) if metas[i]["documents"] > 0]
+        if not live:
+            raise DataPrepError("the inputs hold no usable text: " + "; ".join(
+                f"{units[i].label()}: {metas[i]['problems']}" for i in range(min(3, len(units)))))
+        doc_counts = np.array([metas[i]["documents"] for i in live], np.int64)
+        state |= {"tok_dirs": [tok_dirs[i] for i in live], "doc_cum": np.concatenate([[0], np.cumsum(doc_counts)])}
+        pair_dirs: dict[int, list[Path]] = {}
+        jobs = []
+        for L, mp_ in zip(cfg.seq_lens, max_preds):
+            if L in manifests:
+                continue
+            (work / f"seq{L}").mkdir(exist_ok=True)
+            pair_dirs[L] = []
+            for j, i in enumerate(live):
+                d = work / f"seq{L}" / _hash(keys[i], j, [keys[x] for x in live], build_opts, L, mp_)
+                pair_dirs[L].append(d)
+                if not (d / "meta.json").is_file():
+                    jobs.append(_PairJob(j, L, mp_, str(d)))
+        t1 = time.perf_counter()
+        if jobs:
+            with _pool(cfg, state) as pool, _progress(cfg, total=len(jobs), desc="pair+mask", unit="file") as bar:
+                _run(pool, _pair_unit, jobs, bar)
+                pool.close()
+                pool.join()
+        pair_s = time.perf_counter() - t1
+    except KeyboardInterrupt:
+        raise DataPrepError("interrupted; finished pieces are kept in "
+                            f"{work} - run the same command again to resume") from None
+
+    # Totals over the corpus, shared by every seq len.
+    problems: dict[str, int] = {}
+    messages = []
+    for i in range(len(units)):
+        for k, v in metas[i]["problems"].items():
+            problems[k] = problems.get(k, 0) + v
+        messages.extend(metas[i]["messages"])
+    corpus = {"documents": sum(metas[i]["documents"] for i in range(len(units))),
+              "sentences": sum(metas[i]["sentences"] for i in range(len(units))),
+              "tokens": sum(metas[i]["tokens"] for i in range(len(units))),
+              "characters": sum(metas[i]["chars"] for i in range(len(units)))}
+    vocab_dir = out / "vocab"
+    _write_vocab_dir(vocab, vocab_dir)
+    for L, mp_ in zip(cfg.seq_lens, max_preds):
+        if L in manifests:
+            continue
+        d = seq_dirs[L]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "manifest.json").unlink(missing_ok=True)  # the manifest marks completion: written last
+        for old in d.glob("shard_*.bin*"):
+            old.unlink()
+        t2 = time.perf_counter()
+        with _progress(cfg, total=len(pair_dirs[L]), desc=f"shards seq{L}", unit="file") as bar:
+            shards = _write_shards(d, pair_dirs[L], cfg, dtype, bar)
+        counts = {"samples": 0, "tokens": 0, "masked": 0, "label_0": 0, "label_1": 0}
+        for p in pair_dirs[L]:
+            for k, v in json.loads((p / "meta.json").read_text()).items():
+                counts[k] += v
+        manifest = {
+            "format": FORMAT_VERSION,
+            "build_id": build_id,
+            "seq_len": L,
+            "num_samples": counts["samples"],
+            "num_tokens": counts["tokens"],
+            "num_masked_positions": counts["masked"] if cfg.masking == "static" else None,
+            "masking": cfg.masking,
+            "mask_prob": cfg.mask_prob,
+            "max_predictions_per_seq": mp_,
+            "whole_word_mask": cfg.whole_word_mask,
+            "pair_task": cfg.pair_task,
+            "pair_labels": {"0": counts["label_0"], "1": counts["label_1"]},
+            "dupe_factor": cfg.dupe_factor,
+            "short_seq_prob": cfg.short_seq_prob,
+            "seed": cfg.seed,
+            "token_dtype": dtype.str,
+            "vocab": {"path": "../vocab", "size": vocab.size, "lowercase": vocab.lowercase, "sha256": vocab.sha256,
+                      "special_ids": vocab.special_ids},
+            "corpus": corpus,
+            "inputs": [{"path": units[i].label(), "format": units[i].fmt, "documents": metas[i]["documents"],
+                        "tokens": metas[i]["tokens"]} for i in range(len(units))],
+            "skipped": skipped + [{"path": units[i].label(), "reason": "no usable text"}
+                                  for i in range(len(units)) if metas[i]["documents"] == 0],
+            "problems": problems,
+            "warnings": messages[:100],
+            "num_shards": cfg.shards,
+            "shards": shards,
+        }
+        if cfg.masking == "dynamic":
+            manifest["note"] = "masks are drawn at load time from an RNG seeded by (seed, epoch, index)"
+        tmp = d / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, d / "manifest.json")
+        manifests[L] = manifest
+        print(f"data_prep: seq{L}: {counts['samples']:,} samples, {counts['tokens']:,} tokens in {cfg.shards} shards "
+              f"({time.perf_counter() - t2:.1f} s to write) -> {d}", file=sys.stderr)
+    total_s = time.perf_counter() - t0
+    print(f"data_prep: {corpus['documents']:,} documents, {corpus['tokens']:,} tokens; tokenize {tokenize_s:.1f} s, "
+          f"pair {pair_s:.1f} s, total {total_s:.1f} s ({corpus['tokens'] / max(total_s, 1e-9):,.0f} tokens/s)",
+          file=sys.stderr)
+    if problems and any(problems.values()):
+        print("data_prep: input problems: " + ", ".join(f"{k}={v}" for k, v in problems.items() if v)
+              + " (details in manifest.json 'warnings')", file=sys.stderr)
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifests
+
+
+def _write_vocab_dir(vocab: Vocab, d: Path) -> None:
+    """A copy of the vocab next to the data, so training and export need no other path."""
+    if (d / "vocab.txt").is_file() and load_vocab(d).sha256 == vocab.sha256:
+        return
+    save_dir(vocab.tokens, vocab.lowercase, d)

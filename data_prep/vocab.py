@@ -1,0 +1,133 @@
+"""WordPiece vocabularies: train one with `tokenizers`, or load and check an existing one."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from .readers import DataPrepError
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+@dataclass
+class Vocab:
+    """What the build needs from a vocabulary, in a picklable form for worker processes."""
+
+    tokenizer_json: str  # a `tokenizers.Tokenizer` serialised, truncation and padding removed
+    tokens: list[str]
+    lowercase: bool
+    sha256: str
+    source: str
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+    def id(self, token: str) -> int:
+        return self.tokens.index(token)
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return {t: self.tokens.index(t) for t in SPECIAL_TOKENS}
+
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(self.tokenizer_json)
+
+
+def _read_vocab_txt(path: Path) -> list[str]:
+    try:
+        tokens = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataPrepError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    while tokens and tokens[-1] == "":
+        tokens.pop()
+    seen: dict[str, int] = {}
+    for i, t in enumerate(tokens, 1):
+        if not t.strip():
+            raise DataPrepError(f"{path}:{i}: empty token")
+        if t in seen:
+            raise DataPrepError(f"{path}:{i}: duplicate token {t!r} (first on line {seen[t]})")
+        seen[t] = i
+    missing = [t for t in SPECIAL_TOKENS if t not in seen]
+    if missing:
+        raise DataPrepError(f"{path}: missing special token(s) {', '.join(missing)}")
+    return tokens
+
+
+def load_vocab(path: str | Path, lowercase: bool | None = None) -> Vocab:
+    """Load `vocab.txt` or a tokenizer directory (vocab.txt, optionally tokenizer.json and
+    tokenizer_config.json). Casing comes from the directory's config unless given."""
+    from tokenizers import Tokenizer
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    p = Path(path)
+    if not p.exists():
+        raise DataPrepError(f"vocab {str(p)!r}: no such file or directory")
+    vocab_txt = p / "vocab.txt" if p.is_dir() else p
+    if not vocab_txt.is_file():
+        raise DataPrepError(f"{p}: no vocab.txt in this directory")
+    tokens = _read_vocab_txt(vocab_txt)
+    cfg_file = vocab_txt.parent / "tokenizer_config.json"
+    if lowercase is None and cfg_file.is_file():
+        try:
+            lowercase = bool(json.loads(cfg_file.read_text()).get("do_lower_case", True))
+        except json.JSONDecodeError as e:
+            raise DataPrepError(f"{cfg_file}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    if lowercase is None:  # a bare vocab.txt: an uncased vocab has no upper-case word pieces
+        lowercase = not any(t.isalpha() and t != t.lower() for t in tokens if not t.startswith("["))
+    tok_json = vocab_txt.parent / "tokenizer.json"
+    if tok_json.is_file() and p.is_dir():
+        tok = Tokenizer.from_file(str(tok_json))
+        if tok.get_vocab_size() != len(tokens):
+            raise DataPrepError(f"{tok_json}: {tok.get_vocab_size()} tokens but vocab.txt has {len(tokens)}")
+    else:
+        tok = BertWordPieceTokenizer(str(vocab_txt), lowercase=lowercase)._tokenizer
+    tok.no_truncation()  # some published tokenizer.json files truncate at 128 or 512
+    tok.no_padding()
+    digest = hashlib.sha256(("\n".join(tokens) + f"\nlowercase={lowercase}").encode()).hexdigest()
+    return Vocab(tok.to_str(), tokens, bool(lowercase), digest, str(p))
+
+
+def train_vocab(texts: Iterable[str], output: str | Path, vocab_size: int = 30522, lowercase: bool = True,
+                min_frequency: int = 2, limit_alphabet: int = 1000) -> Vocab:
+    """Train a BERT WordPiece vocab and write a directory `BertTokenizerFast.from_pretrained` loads."""
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=None if lowercase else False)
+    tok.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                            limit_alphabet=limit_alphabet, special_tokens=list(SPECIAL_TOKENS))
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    save_dir(tokens, lowercase, out)
+    return load_vocab(out)
+
+
+def save_dir(tokens: list[str], lowercase: bool, out: str | Path) -> None:
+    """Write vocab.txt plus the files `BertTokenizerFast.from_pretrained` loads (transformers 4 or 5)."""
+    import inspect
+
+    from transformers import BertTokenizerFast
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".vocab.txt.tmp"
+    tmp.write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+    # transformers 5 renamed the constructor's vocab_file argument to vocab
+    arg = "vocab_file" if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab"
+    hf = BertTokenizerFast(**{arg: str(tmp)}, do_lower_case=lowercase, strip_accents=None if lowercase else False)
+    hf.save_pretrained(str(out))
+    os.replace(tmp, out / "vocab.txt")
+
+
+def describe(v: Vocab) -> str:
+    ids = v.special_ids
+    return (f"{v.source}: {v.size} tokens, {'uncased' if v.lowercase else 'cased'}, "
+            + ", ".join(f"{t}={i}" for t, i in ids.items()) + f", sha256 {v.sha256[:16]}")
