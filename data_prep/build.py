@@ -17,6 +17,8 @@ import hashlib
 import itertools
 import json
 import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 import os
 import shutil
 import signal
@@ -181,6 +183,7 @@ def _maybe_crash() -> None:
     if n is not None:
         _W["done"] = _W.get("done", 0) + 1
         if _W["done"] >= int(n):
+            os.kill(os.getppid(), signal.SIGKILL)
             os._exit(137)
 
 
@@ -403,16 +406,32 @@ def _progress(cfg: BuildConfig, **kw):
     return tqdm(disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr, **kw)
 
 
-def _pool(cfg: BuildConfig, state: dict):
+def _pool(cfg: BuildConfig, state: dict) -> ProcessPoolExecutor:
+    # concurrent.futures rather than multiprocessing.Pool: a worker killed by the OOM killer raises
+    # BrokenProcessPool here instead of hanging the build forever.
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    return ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(state,))
+    return ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=(state,))
 
 
-def _run(pool, fn, jobs, bar, on_result=None):
-    for res in pool.imap_unordered(fn, jobs):
-        if on_result:
-            on_result(res)
-        bar.update(1)
+def _run(pool: ProcessPoolExecutor, fn, jobs, bar, on_result=None) -> None:
+    futures = [pool.submit(fn, j) for j in jobs]
+    try:
+        for fut in as_completed(futures):
+            res = fut.result()
+            if on_result:
+                on_result(res)
+            bar.update(1)
+    except KeyboardInterrupt:
+        # workers ignore SIGINT; stop them now rather than let them finish their files
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        raise
+    except BrokenProcessPool:
+        raise DataPrepError("a worker process died (killed, or out of memory?); finished pieces are kept: "
+                            "rerun the same command to resume") from None
+    finally:
+        for f in futures:
+            f.cancel()
 
 
 def build(cfg: BuildConfig) -> dict[int, dict]:
@@ -478,14 +497,10 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
                     done["docs"] += meta["documents"]
                     done["tokens"] += meta["tokens"]
                     dt = max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix_str(f"{done['docs'] / dt:,.0f} docs/s, {done['tokens'] / dt:,.0f} tok/s")
+                    bar.set_postfix_str(f"{done['docs'] / dt:,.0f} docs/s, {done['tokens'] / dt:,.0f} tok/s",
+                                        refresh=False)
 
-                results = pool.imap_unordered(_tokenize_unit, [_TokJob(units[i], tok_dirs[i]) for i in todo])
-                for meta in results:
-                    got(meta)
-                    bar.update(1)
-                pool.close()
-                pool.join()
+                _run(pool, _tokenize_unit, [_TokJob(units[i], tok_dirs[i]) for i in todo], bar, got)
             for i in todo:
                 metas[i] = json.loads((Path(tok_dirs[i]) / "meta.json").read_text())
         tokenize_s = time.perf_counter() - t0
@@ -513,8 +528,6 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
         if jobs:
             with _pool(cfg, state) as pool, _progress(cfg, total=len(jobs), desc="pair+mask", unit="file") as bar:
                 _run(pool, _pair_unit, jobs, bar)
-                pool.close()
-                pool.join()
         pair_s = time.perf_counter() - t1
     except KeyboardInterrupt:
         raise DataPrepError("interrupted; finished pieces are kept in "

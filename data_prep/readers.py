@@ -227,7 +227,11 @@ class _DocBuilder:
             return self._take(check_min=False)
         return None
 
-    def end(self) -> list[str] | None:
+    def end(self, stub: bool = False) -> list[str] | None:
+        """Close the current document; ``stub``: an empty one counts as a short document (a
+        WikiExtractor block with only its title)."""
+        if stub and not self.paras and not self.was_split:
+            self.stats.short_documents += 1
         doc = self._take(check_min=not self.was_split)
         self.was_split = False
         return doc
@@ -266,11 +270,11 @@ def iter_documents(unit: Unit, stats: ReadStats, *, min_doc_chars: int | None = 
             for _, line, cont in lines:
                 s = line.strip()
                 if not cont and s.startswith("<doc ") and s.endswith(">"):
-                    if in_doc and (doc := b.end()):  # a block without </doc>
+                    if in_doc and (doc := b.end(stub=True)):  # a block without </doc>
                         yield doc
                     in_doc, title_pending = True, True
                 elif not cont and s == "</doc>":
-                    if doc := b.end():
+                    if doc := b.end(stub=True):
                         yield doc
                     in_doc = False
                 elif in_doc and s:
