@@ -5,7 +5,9 @@ with :class:`PretrainingDataset` and :class:`DistributedPretrainingSampler` (imp
 CLI does not pay for importing torch).
 """
 from .config import BuildConfig
+from .pipeline import build
 from .readers import DataPrepError
+from .vocab import load_vocab, train_vocab
 
 __all__ = ["BuildConfig", "DataPrepError", "build", "PretrainingDataset", "DistributedPretrainingSampler",
            "load_vocab", "train_vocab"]
@@ -16,12 +18,4 @@ def __getattr__(name):
         from . import dataset
 
         return getattr(dataset, name)
-    if name == "build":
-        from .build import build
-
-        return build
-    if name in ("load_vocab", "train_vocab"):
-        from . import vocab
-
-        return getattr(vocab, name)
     raise AttributeError(f"module 'data_prep' has no attribute {name!r}")

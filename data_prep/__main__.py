@@ -125,7 +125,7 @@ def _vocab(a) -> int:
 
 
 def _build(a) -> int:
-    from .build import build
+    from .pipeline import build
     from .config import BuildConfig
 
     cfg = BuildConfig(inputs=a.input, vocab=a.vocab, output=a.output, seq_lens=a.seq_lens, shards=a.shards,

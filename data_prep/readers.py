@@ -140,12 +140,21 @@ def discover(inputs: list[str], fmt: str = "auto") -> tuple[list[Unit], list[dic
             elif p.is_dir():
                 if fmt == "hf":
                     raise DataPrepError(f"{p}: not a datasets directory (no dataset_info.json/state.json or dataset_dict.json)")
-                files = sorted(str(f) for f in p.rglob("*") if f.is_file()
-                               and not any(part.startswith(".") for part in f.relative_to(p).parts))
-                if not files:
+                files, hf_dirs = [], []
+                for root, dirs, names in os.walk(p):
+                    dirs[:] = [x for x in dirs if not x.startswith(".")]  # hidden: .git, .work, ...
+                    if fmt == "auto" and root != str(p) and _is_hf_dir(Path(root)):
+                        hf_dirs.append(root)  # a datasets directory is one input, not a pile of files
+                        dirs[:] = []
+                        continue
+                    files.extend(os.path.join(root, n) for n in names if not n.startswith("."))
+                if not files and not hf_dirs:
                     skipped.append({"path": str(p), "reason": "directory holds no files"})
-                for f in files:
-                    add_file(f)
+                for f in sorted(files + hf_dirs):
+                    if f in hf_dirs:
+                        units.extend(_hf_units(f))
+                    else:
+                        add_file(f)
             elif p.is_file():
                 add_file(str(p))
     return units, skipped

