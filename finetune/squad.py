@@ -267,7 +267,8 @@ def main(argv=None) -> int:
         total_steps = math.ceil(steps_per_epoch * args.epochs)
         if args.max_steps:
             total_steps = min(total_steps, args.max_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup * total_steps), max(total_steps, 1))
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, math.ceil(args.warmup * total_steps), max(total_steps, 1))
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    lr_scheduler=scheduler, config=cfg)
 
