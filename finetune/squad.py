@@ -302,7 +302,8 @@ def main(argv=None) -> int:
             epoch += 1
         bar.close()
         train_time = time.perf_counter() - t0
-        metrics.update({"train_steps": step, "train_windows_seen": seen,
+        metrics.update({"train_steps": step, "train_windows": len(train_feats),
+                        "train_windows_seen": seen,
                         "train_seconds": train_time,
                         "train_windows_per_second": seen / train_time,
                         "train_questions": len(train_feats.examples),
