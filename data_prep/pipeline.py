@@ -17,7 +17,7 @@ import hashlib
 import itertools
 import json
 import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 import os
 import shutil
@@ -37,7 +37,8 @@ from .vocab import Vocab, load_vocab, save_dir
 
 FORMAT_VERSION = "data_prep/1"
 _FLUSH_TOKENS = 1 << 22  # buffer ~4M tokens per worker before appending to disk
-_MERGE_GROUP_TOKENS = 1 << 25  # tokens gathered per merge step before writing to the K shards
+_MERGE_GROUP_TOKENS = 1 << 23  # tokens gathered per merge step before writing to the K shards
+_MERGE_BLOCK_SAMPLES = 1 << 16  # a big unit is merged in blocks of samples, so memory stays bounded
 
 
 def _hash(*parts) -> str:
@@ -120,7 +121,10 @@ def _tokenize_unit_inner(job: _TokJob) -> dict:
     max_sent = max(cfg.seq_lens) - 3
     dtype = _token_dtype(vocab.size)
     stats = ReadStats()
-    out = _Appender(Path(job.out), {"tokens": dtype, "sent_len": np.int32, "doc_sents": np.int64})
+    # Offsets (not lengths) go to disk, so pass 2 memory-maps them instead of holding cumsums in RAM.
+    out = _Appender(Path(job.out), {"tokens": dtype, "sent_off": np.int64, "doc_off": np.int64})
+    out.add("sent_off", [0])
+    out.add("doc_off", [0])
     pending: list[str] = []  # sentences waiting for one batched encode call
     pending_docs: list[int] = []  # sentence count per pending document
     counts = {"sentences": 0, "tokens": 0, "empty_documents": 0, "split_sentences": 0, "chars": 0}
@@ -145,10 +149,15 @@ def _tokenize_unit_inner(job: _TokJob) -> dict:
                 counts["empty_documents"] += 1
                 continue
             out.add("tokens", np.array(flat, dtype=dtype))
-            out.add("sent_len", lens)
-            out.add("doc_sents", [len(lens)])
+            out.add("sent_off", counts["tokens"] + np.cumsum(lens))
+            out.add("doc_off", [counts["sentences"] + len(lens)])
             counts["sentences"] += len(lens)
             counts["tokens"] += len(flat)
+        live = _W.get("live")
+        if live is not None:
+            with live.get_lock():
+                live[0] += len(pending_docs)
+                live[1] += sum(map(len, ids))
         pending.clear()
         pending_docs.clear()
         out.flush()
@@ -195,8 +204,8 @@ class _TokUnit:
     def __init__(self, d: str, dtype):
         p = Path(d)
         self.tokens = _load_raw(p, "tokens", dtype)
-        self.sent_off = np.concatenate([[0], np.cumsum(_load_raw(p, "sent_len", np.int32), dtype=np.int64)])
-        self.doc_off = np.concatenate([[0], np.cumsum(_load_raw(p, "doc_sents", np.int64))])
+        self.sent_off = _load_raw(p, "sent_off", np.int64)
+        self.doc_off = _load_raw(p, "doc_off", np.int64)
 
     def doc(self, i: int) -> "_DocView":
         return _DocView(self, int(self.doc_off[i]), int(self.doc_off[i + 1]))
@@ -326,37 +335,39 @@ def _write_shards(seq_dir: Path, pair_dirs: list[Path], cfg: BuildConfig, dtype,
     tok_cursor = np.zeros(K, np.int64)
     mask_cursor = np.zeros(K, np.int64)
 
-    group: list[tuple[int, Path]] = []
+    group: list[tuple[int, Path, int, int]] = []
+    job_seq_len = int(seq_dir.name[3:])  # a bound on tokens per sample, for sizing merge groups
     group_tokens = 0
     base = 0
 
     def flush() -> None:
         nonlocal group, group_tokens
         per_shard: list[dict[str, list]] = [dict() for _ in range(K)]
-        for gbase, d in group:
-            length = _load_raw(d, "length", np.uint16).astype(np.int64)
-            off = np.concatenate([[0], np.cumsum(length)])
+        for gbase, d, lo, hi in group:
+            length = _load_raw(d, "length", np.uint16)
+            off = np.concatenate([[0], np.cumsum(length[lo:hi], dtype=np.int64)])
             toks = _load_raw(d, "tokens", dtype)
             cols = {"a_len": _load_raw(d, "a_len", np.uint16), "label": _load_raw(d, "label", np.uint8),
                     "doc": _load_raw(d, "doc", np.int64)}
             if static:
-                mcount = _load_raw(d, "mask_count", np.uint16).astype(np.int64)
-                moff = np.concatenate([[0], np.cumsum(mcount)])
+                mcount = _load_raw(d, "mask_count", np.uint16)
+                moff = np.concatenate([[0], np.cumsum(mcount[lo:hi], dtype=np.int64)])
                 mpos, mlab = _load_raw(d, "mask_pos", np.uint16), _load_raw(d, "mask_label", dtype)
-            n = len(length)
             for k in range(K):
-                rows = np.arange((k - gbase) % K, n, K)
+                rows = np.arange((k - gbase - lo) % K, hi - lo, K)  # block-relative rows of shard k
                 if len(rows) == 0:
                     continue
                 parts = per_shard[k]
-                parts.setdefault("tokens", []).append(toks[_ragged(off, rows)])
-                parts.setdefault("lengths", []).append(length[rows])
+                parts.setdefault("tokens", []).append(toks[_ragged(off, rows) + block_start[d][0]])
+                parts.setdefault("lengths", []).append(length[lo + rows].astype(np.int64))
                 for name, col in cols.items():
-                    parts.setdefault(name, []).append(col[rows])
+                    parts.setdefault(name, []).append(col[lo + rows])
                 if static:
-                    parts.setdefault("mask_pos", []).append(mpos[_ragged(moff, rows)])
-                    parts.setdefault("mask_label", []).append(mlab[_ragged(moff, rows)])
-                    parts.setdefault("mask_counts", []).append(mcount[rows])
+                    flat = _ragged(moff, rows) + block_start[d][1]
+                    parts.setdefault("mask_pos", []).append(mpos[flat])
+                    parts.setdefault("mask_label", []).append(mlab[flat])
+                    parts.setdefault("mask_counts", []).append(mcount[lo + rows].astype(np.int64))
+            block_start[d] = (block_start[d][0] + int(off[-1]), block_start[d][1] + (int(moff[-1]) if static else 0))
         for k, parts in enumerate(per_shard):
             if not parts:
                 continue
@@ -371,13 +382,17 @@ def _write_shards(seq_dir: Path, pair_dirs: list[Path], cfg: BuildConfig, dtype,
             writers[k].append_many(arrays)
         group, group_tokens = [], 0
 
+    block_start: dict[Path, tuple[int, int]] = {}  # (token, mask) offset where a unit's next block starts
     for d in pair_dirs:
         n = int((d / "length.bin").stat().st_size // 2)
-        group.append((base, d))
-        group_tokens += (d / "tokens.bin").stat().st_size // dtype.itemsize
+        block_start[d] = (0, 0)
+        for lo in range(0, n, _MERGE_BLOCK_SAMPLES):
+            hi = min(n, lo + _MERGE_BLOCK_SAMPLES)
+            group.append((base, d, lo, hi))
+            group_tokens += (hi - lo) * job_seq_len
+            if group_tokens >= _MERGE_GROUP_TOKENS:
+                flush()
         base += n
-        if group_tokens >= _MERGE_GROUP_TOKENS:
-            flush()
         progress.update(1)
     flush()
     shards = []
@@ -406,21 +421,30 @@ def _progress(cfg: BuildConfig, **kw):
     return tqdm(disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr, **kw)
 
 
+_CTX = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
 def _pool(cfg: BuildConfig, state: dict) -> ProcessPoolExecutor:
     # concurrent.futures rather than multiprocessing.Pool: a worker killed by the OOM killer raises
     # BrokenProcessPool here instead of hanging the build forever.
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    return ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=(state,))
+    return ProcessPoolExecutor(cfg.workers, mp_context=_CTX, initializer=_init_worker, initargs=(state,))
 
 
-def _run(pool: ProcessPoolExecutor, fn, jobs, bar, on_result=None) -> None:
-    futures = [pool.submit(fn, j) for j in jobs]
+def _run(pool: ProcessPoolExecutor, fn, jobs, bar, live=None) -> None:
+    """Run jobs; the bar counts finished units, its postfix shows live docs/s and tokens/s that
+    workers report after every encoded batch (a single huge file still shows progress)."""
+    futures = {pool.submit(fn, j) for j in jobs}
+    t0 = time.perf_counter()
     try:
-        for fut in as_completed(futures):
-            res = fut.result()
-            if on_result:
-                on_result(res)
-            bar.update(1)
+        pending = futures
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in done:
+                fut.result()  # re-raises a worker's DataPrepError here
+            if live is not None:
+                dt = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{live[0] / dt:,.0f} docs/s, {live[1] / dt:,.0f} tokens/s", refresh=False)
+            bar.update(len(done))
     except KeyboardInterrupt:
         # workers ignore SIGINT; stop them now rather than let them finish their files
         for proc in list(getattr(pool, "_processes", {}).values()):
@@ -476,7 +500,7 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
     for leftover in work.glob("*/*.tmp*"):  # pieces of an interrupted run; finished pieces are kept
         shutil.rmtree(leftover, ignore_errors=True)
 
-    state = {"cfg": cfg, "vocab": vocab}
+    state = {"cfg": cfg, "vocab": vocab, "live": _CTX.Array("q", 2)}  # live: documents, tokens done
     tok_dirs = [str(work / "tok" / k) for k in keys]
     metas: dict[int, dict] = {}
     todo = []
@@ -490,17 +514,7 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
         if todo:
             with _pool(cfg, state) as pool, _progress(cfg, total=len(units), initial=len(units) - len(todo),
                                                        desc="tokenize", unit="file") as bar:
-                done = {"docs": 0, "tokens": 0}
-                index_of = {d: i for i, d in enumerate(tok_dirs)}
-
-                def got(meta):
-                    done["docs"] += meta["documents"]
-                    done["tokens"] += meta["tokens"]
-                    dt = max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix_str(f"{done['docs'] / dt:,.0f} docs/s, {done['tokens'] / dt:,.0f} tok/s",
-                                        refresh=False)
-
-                _run(pool, _tokenize_unit, [_TokJob(units[i], tok_dirs[i]) for i in todo], bar, got)
+                _run(pool, _tokenize_unit, [_TokJob(units[i], tok_dirs[i]) for i in todo], bar, state["live"])
             for i in todo:
                 metas[i] = json.loads((Path(tok_dirs[i]) / "meta.json").read_text())
         tokenize_s = time.perf_counter() - t0

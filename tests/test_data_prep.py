@@ -279,14 +279,20 @@ def test_balanced_shards_and_manifest(tmp_path, corpus, vocab):
     assert not (out / ".work").exists()
 
 
-def test_same_output_whatever_the_worker_count(tmp_path, corpus, vocab):
+def test_same_output_whatever_the_worker_count_and_merge_block(tmp_path, corpus, vocab, monkeypatch):
     one = run_build(tmp_path, [corpus[0]], vocab, name="w1", workers=1, masking="static", dupe_factor=1)
     two = run_build(tmp_path, [corpus[0]], vocab, name="w2", workers=2, masking="static", dupe_factor=1)
+    from data_prep import pipeline
+
+    # tiny merge blocks and groups: the path a corpus of many GB takes
+    monkeypatch.setattr(pipeline, "_MERGE_BLOCK_SAMPLES", 7)
+    monkeypatch.setattr(pipeline, "_MERGE_GROUP_TOKENS", 3000)
+    small = run_build(tmp_path, [corpus[0]], vocab, name="blocks", workers=2, masking="static", dupe_factor=1)
     for L in (64, 128):
         files = sorted(p.name for p in (one / f"seq{L}").iterdir())
         assert files == sorted(p.name for p in (two / f"seq{L}").iterdir())
         for f in files:
-            assert sha(one / f"seq{L}" / f) == sha(two / f"seq{L}" / f), f"seq{L}/{f} differs"
+            assert sha(one / f"seq{L}" / f) == sha(two / f"seq{L}" / f) == sha(small / f"seq{L}" / f), f"seq{L}/{f}"
 
 
 def test_resume_after_kill_gives_identical_shards(tmp_path, corpus, vocab):
