@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data_prep: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("data_prep: interrupted; rerun the same command to resume", file=sys.stderr)
+        print("data_prep: stopped by Ctrl-C", file=sys.stderr)
         return 130
 
 

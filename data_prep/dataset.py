@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,11 +26,14 @@ class PretrainingDataset(Dataset):
     ranks and workers share the page cache instead of each loading the corpus. With dynamic
     masking, the masks of item ``i`` in epoch ``e`` come from an RNG seeded by (seed, e, i): every
     epoch differs, and any epoch can be replayed exactly.
+
+    ``shards`` restricts the dataset to those shard numbers (e.g. hold the last one out for
+    validation); indices then run over the chosen shards only.
     """
 
     def __init__(self, path: str | Path, *, epoch: int = 0, seed: int | None = None,
                  max_predictions: int | None = None, mask_prob: float | None = None,
-                 whole_word_mask: bool | None = None):
+                 whole_word_mask: bool | None = None, shards: Sequence[int] | None = None):
         self.path = Path(path)
         mfile = self.path / "manifest.json"
         if not mfile.is_file():
@@ -45,7 +49,13 @@ class PretrainingDataset(Dataset):
         if self.masking == "static" and self.max_predictions < m["max_predictions_per_seq"]:
             raise ValueError(f"{self.path}: static masks hold up to {m['max_predictions_per_seq']} predictions; "
                              f"max_predictions={self.max_predictions} would cut them")
-        self._counts = np.array([s["num_samples"] for s in m["shards"]], np.int64)
+        all_shards = m["shards"]
+        chosen = range(len(all_shards)) if shards is None else list(shards)
+        bad = [k for k in chosen if not 0 <= k < len(all_shards)]
+        if bad or (shards is not None and not chosen):
+            raise ValueError(f"{self.path}: shards {bad or '[]'} not in 0..{len(all_shards) - 1}")
+        self._files = [all_shards[k]["path"] for k in chosen]
+        self._counts = np.array([all_shards[k]["num_samples"] for k in chosen], np.int64)
         self._starts = np.concatenate([[0], np.cumsum(self._counts)])
         self._shards: list = [None] * len(self._counts)
         vocab_file = (self.path / m["vocab"]["path"] / "vocab.txt").resolve()
@@ -74,7 +84,7 @@ class PretrainingDataset(Dataset):
 
     def _shard(self, k: int) -> dict:
         if self._shards[k] is None:
-            arrays, _ = shardio.open_arrays(self.path / self.manifest["shards"][k]["path"])
+            arrays, _ = shardio.open_arrays(self.path / self._files[k])
             self._shards[k] = arrays
         return self._shards[k]
 

@@ -187,11 +187,15 @@ def _tokenize_unit_inner(job: _TokJob) -> dict:
 
 
 def _maybe_crash() -> None:
-    """Test hook: DATA_PREP_CRASH_AFTER=N kills the process after N finished units (as a power cut would)."""
+    """Test hook: DATA_PREP_CRASH_AFTER=N kills the build after a worker's N-th finished unit (as a
+    power cut would), or interrupts it (DATA_PREP_CRASH_SIGNAL=INT, as Ctrl-C would)."""
     n = os.environ.get("DATA_PREP_CRASH_AFTER")
     if n is not None:
         _W["done"] = _W.get("done", 0) + 1
-        if _W["done"] >= int(n):
+        if _W["done"] == int(n):
+            if os.environ.get("DATA_PREP_CRASH_SIGNAL") == "INT":  # as Ctrl-C in the terminal would
+                os.kill(os.getppid(), signal.SIGINT)
+                return
             os.kill(os.getppid(), signal.SIGKILL)
             os._exit(137)
 
@@ -281,6 +285,10 @@ def _pair_unit(job: _PairJob) -> dict:
                     out.add("mask_pos", pos)
                     out.add("mask_label", lab)
                     counts["masked"] += len(pos)
+                else:  # what one epoch of dynamic masking will draw (an upper bound with whole words)
+                    n_cand = len(sample) - int(spec.special[sample].sum())
+                    counts["masked"] += min(spec.max_predictions, max(1, int(round(n_cand * spec.mask_prob)))) \
+                        if n_cand else 0
                 out.add("tokens", sample)
                 out.add("length", [len(sample)])
                 out.add("a_len", [len(a) + 2])
@@ -466,6 +474,10 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
     if not units:
         why = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5]) or "no files"
         raise DataPrepError(f"no usable input ({why})")
+    for sk in skipped[:20]:
+        print(f"data_prep: skipping {sk['path']}: {sk['reason']}", file=sys.stderr)
+    if len(skipped) > 20:
+        print(f"data_prep: ... and {len(skipped) - 20} more skipped inputs (all listed in manifest.json)", file=sys.stderr)
     max_preds = cfg.max_predictions or tuple(default_max_predictions(L, cfg.mask_prob) for L in cfg.seq_lens)
     dtype = _token_dtype(vocab.size)
     # What the bytes of each piece depend on; anything else (workers, progress) may change freely.
@@ -544,8 +556,9 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
                 _run(pool, _pair_unit, jobs, bar)
         pair_s = time.perf_counter() - t1
     except KeyboardInterrupt:
-        raise DataPrepError("interrupted; finished pieces are kept in "
-                            f"{work} - run the same command again to resume") from None
+        print(f"data_prep: interrupted; finished pieces are kept in {work}: run the same command again to resume",
+              file=sys.stderr)
+        raise
 
     # Totals over the corpus, shared by every seq len.
     problems: dict[str, int] = {}
@@ -581,7 +594,7 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
             "seq_len": L,
             "num_samples": counts["samples"],
             "num_tokens": counts["tokens"],
-            "num_masked_positions": counts["masked"] if cfg.masking == "static" else None,
+            "num_masked_positions": counts["masked"],
             "masking": cfg.masking,
             "mask_prob": cfg.mask_prob,
             "max_predictions_per_seq": mp_,
@@ -605,7 +618,9 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
             "shards": shards,
         }
         if cfg.masking == "dynamic":
-            manifest["note"] = "masks are drawn at load time from an RNG seeded by (seed, epoch, index)"
+            manifest["note"] = ("masks are drawn at load time from an RNG seeded by (seed, epoch, index); "
+                                "num_masked_positions is per epoch" + (" (at most, with whole-word masking)"
+                                                                       if cfg.whole_word_mask else ""))
         tmp = d / "manifest.json.tmp"
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, d / "manifest.json")

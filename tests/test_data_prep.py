@@ -200,8 +200,7 @@ def test_masking_statistics(tmp_path, corpus, vocab, masking):
     # 80/10/10; a random replacement equal to the original counts as kept (rare with 30k tokens)
     assert total > 5000
     assert abs(masked / total - 0.8) < 0.02 and abs(kept / total - 0.1) < 0.015 and abs(replaced / total - 0.1) < 0.015
-    if masking == "static":
-        assert ds.manifest["num_masked_positions"] == total
+    assert ds.manifest["num_masked_positions"] == total  # dynamic: what one epoch draws
 
 
 def test_dynamic_masks_change_per_epoch_and_replay(dynamic_build):
@@ -315,6 +314,19 @@ def test_resume_after_kill_gives_identical_shards(tmp_path, corpus, vocab):
         assert sha(tmp_path / "crash" / "seq64" / s["path"]) == s["sha256"]
     again = cli(*args, "--workers", "2", "--output", tmp_path / "crash", check=True)
     assert "nothing to do" in again.stderr
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, corpus, vocab):
+    args = ["build", "--input", corpus[0], "--vocab", vocab, "--seq-lens", "64", "--shards", "3", "--no-progress",
+            "--workers", "1", "--output", tmp_path / "o"]
+    r = cli(*args, env={"DATA_PREP_CRASH_AFTER": "1", "DATA_PREP_CRASH_SIGNAL": "INT"})
+    assert r.returncode == 130 and "interrupted" in r.stderr and "Traceback" not in r.stderr
+    assert not list((tmp_path / "o").rglob("shard_*")) and not (tmp_path / "o" / "seq64" / "manifest.json").exists()
+    assert len(list((tmp_path / "o" / ".work" / "tok").glob("*/meta.json"))) in (1, 2)
+    cli(*args, check=True)
+    clean = run_build(tmp_path, [corpus[0]], vocab, name="clean", seq_lens=(64,), shards=3)
+    for k in range(3):
+        assert sha(tmp_path / "o" / "seq64" / f"shard_{k:05d}.bin") == sha(clean / "seq64" / f"shard_{k:05d}.bin")
 
 
 def test_rebuild_with_other_options_needs_overwrite(tmp_path, corpus, vocab):
@@ -450,6 +462,13 @@ def test_dataset_items_and_dataloader(dynamic_build):
     assert torch.equal(batch["input_ids"], torch.stack([ds[i]["input_ids"] for i in first]))
     with pytest.raises(FileNotFoundError, match="manifest"):
         PretrainingDataset(dynamic_build)
+    # a held-out shard: the subset holds exactly that shard's samples, in order
+    last = len(ds.manifest["shards"]) - 1
+    val = PretrainingDataset(dynamic_build / "seq128", shards=[last])
+    assert len(val) == ds.manifest["shards"][last]["num_samples"]
+    assert np.array_equal(val.raw(0)["tokens"], ds.raw(len(ds) - len(val))["tokens"])
+    with pytest.raises(ValueError, match="not in"):
+        PretrainingDataset(dynamic_build / "seq128", shards=[last + 1])
 
 
 def test_sampler_disjoint_equal_seeded_resumable():
