@@ -1,0 +1,22 @@
+"""Layer-wise large-batch optimizers (LAMB, LARS) that stay exact under DeepSpeed ZeRO.
+
+    import optim
+    engine, optimizer, _, scheduler = optim.initialize(model=model, config="ds_configs/lamb_64k.json")
+
+or, without DeepSpeed::
+
+    opt = optim.Lamb(optim.param_groups(model, weight_decay=0.01), lr=6e-3, variant="nvidia")
+"""
+from ._layerwise import IMPLS, LayerwiseOptimizer
+from .initialize import build_optimizer, initialize, load_config
+from .lamb import VARIANTS, Lamb
+from .lars import Lars
+from .param_groups import no_decay_names, param_groups
+from .registry import create, known, register
+from .schedules import build_scheduler, scale_lr
+
+__all__ = [
+    "IMPLS", "Lamb", "Lars", "LayerwiseOptimizer", "VARIANTS", "build_optimizer", "build_scheduler",
+    "create", "initialize", "known", "load_config", "no_decay_names", "param_groups", "register",
+    "scale_lr",
+]

@@ -1,0 +1,182 @@
+"""Shared machinery of the layer-wise optimizers (LAMB, LARS).
+
+Both need, per model tensor, a norm that spans the whole tensor before any element can be
+updated. A step therefore runs in two passes with one reduction between them:
+
+1. pass 1 (``_partial_sums``): element-wise work plus sums of squares per *segment*;
+2. the segment sums are added per model tensor, across data-parallel ranks when the tensors
+   are ZeRO partitions (one collective for the whole param group, no host synchronisation);
+3. pass 2 (``_apply``): the element-wise update scaled by each tensor's trust ratio.
+
+Subclasses implement the two passes three ways (``impl``): ``"loop"`` (per-tensor reference),
+``"foreach"`` (``torch._foreach_*``, grouped by device and dtype) and ``"fused"`` (C/OpenMP
+kernels on the CPU, ``torch.compile`` elsewhere), all computing the same math.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import _native
+from ._layout import FlatLayout, reduce_segment_sums, whole_tensor_layout
+
+IMPLS = ("loop", "foreach", "fused")
+
+
+class Bucket:
+    """Tensors of one param group that share device and dtype, with their segment layouts."""
+
+    def __init__(self, params: list[torch.Tensor], layouts: list[FlatLayout]) -> None:
+        self.params = params
+        self.layouts = layouts
+        self.seg_keys = [k for lay in layouts for k in lay.keys]
+
+    def segment_views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Segment views of ``tensors`` (shaped like ``self.params``), in segment order."""
+        out: list[torch.Tensor] = []
+        for t, lay in zip(tensors, self.layouts):
+            if len(lay.keys) == 1 and lay.starts[0] == 0 and lay.lengths[0] == t.numel():
+                out.append(t.view(-1))
+            else:
+                out.extend(lay.views(t))
+        return out
+
+    def block_plan(self, cache: dict) -> _native.BlockPlan:
+        sig = tuple((id(lay), p.numel()) for p, lay in zip(self.params, self.layouts))
+        plan = cache.get(sig)
+        if plan is None:
+            seg_tensor = np.array([i for i, lay in enumerate(self.layouts) for _ in lay.keys], dtype=np.int64)
+            seg_start = np.array([s for lay in self.layouts for s in lay.starts], dtype=np.int64)
+            seg_len = np.array([n for lay in self.layouts for n in lay.lengths], dtype=np.int64)
+            plan = _native.BlockPlan(seg_tensor, seg_start, seg_len)
+            if len(cache) > 64:
+                cache.clear()
+            cache[sig] = plan
+        return plan
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Base class: tracks which model tensor every stepped element belongs to."""
+
+    _compiled: dict = {}
+
+    def __init__(self, params, defaults: dict, impl: Optional[str]) -> None:
+        if impl is not None and impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS} or None (fastest available), got {impl!r}")
+        super().__init__(params, defaults)
+        self.impl = impl
+        self._names: list[str] = []
+        self._layouts: dict[int, FlatLayout] = {}
+        self._group_keys: dict[int, list[int]] = {}
+        for group in self.param_groups:
+            names = group.get("param_names")
+            keys = []
+            for i, p in enumerate(group["params"]):
+                key = len(self._names)
+                self._names.append(names[i] if names else f"param{key}")
+                self._layouts[id(p)] = whole_tensor_layout(key, p.numel())
+                keys.append(key)
+            self._group_keys[id(group)] = keys
+        self._num_keys = len(self._names)
+        self._global_grad_norm_fn: Optional[Callable[[], object]] = None
+        self._last_trust: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._plans: dict = {}
+        self._warned: set[str] = set()
+
+    # -- wiring by optim.zero for DeepSpeed's flattening wrappers ------------------------------
+    def attach_layouts(self, layouts: dict[int, FlatLayout], names: list[str],
+                       group_keys: dict[int, list[int]],
+                       global_grad_norm_fn: Optional[Callable[[], object]] = None) -> None:
+        """Replace the per-tensor layouts by flat ones (``layouts`` keyed by ``id(flat)``)."""
+        self._layouts = dict(layouts)
+        self._names = list(names)
+        self._num_keys = len(names)
+        self._group_keys = dict(group_keys)
+        self._global_grad_norm_fn = global_grad_norm_fn
+        self._plans.clear()
+
+    def _layout_of(self, p: torch.Tensor) -> FlatLayout:
+        layout = self._layouts.get(id(p))
+        if layout is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() got a tensor it was not built with (shape "
+                f"{tuple(p.shape)}). DeepSpeed's ZeRO and mixed-precision optimizers replace the "
+                "parameters by flat partitions, and a layer-wise trust ratio computed over a "
+                "partition is wrong. Build the engine with optim.initialize(...) instead of "
+                "deepspeed.initialize(...) so the per-tensor layout is known.")
+        if layout.lengths and max(s + n for s, n in zip(layout.starts, layout.lengths)) > p.numel():
+            raise RuntimeError(f"{type(self).__name__}: layout does not fit tensor of {p.numel()} elements")
+        return layout
+
+    # -- telemetry --------------------------------------------------------------------------
+    def trust_ratios(self) -> dict[str, float]:
+        """Per-tensor trust ratios (LARS: local learning rates) of the last step, by name."""
+        out: dict[str, float] = {}
+        for keys, ratios in self._last_trust.values():
+            for k, r in zip(keys.tolist(), ratios.tolist()):
+                out[self._names[k]] = r
+        return out
+
+    # -- the step -------------------------------------------------------------------------
+    def _choose_impl(self, tensors: list[torch.Tensor]) -> str:
+        impl = self.impl or "fused"
+        if impl != "fused":
+            return impl
+        if tensors and tensors[0].device.type == "cpu":
+            if _native.supports(tensors) and _native.library() is not None:
+                return "fused"
+            reason = _native.error() or "needs contiguous fp32 CPU tensors"
+            self._warn_once("native", f"fused CPU kernels unavailable ({reason}); using foreach")
+            return "foreach"
+        return "compiled"
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            if self.impl == "fused":
+                warnings.warn(f"{type(self).__name__}: {msg}", RuntimeWarning, stacklevel=3)
+
+    def _buckets(self, group: dict) -> list[Bucket]:
+        by_kind: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            ps, lays = by_kind[(p.device, p.dtype)]
+            ps.append(p)
+            lays.append(self._layout_of(p))
+        return [Bucket(ps, lays) for ps, lays in by_kind.values()]
+
+    def _reduce(self, group: dict, buckets: list[Bucket], seg_sums: list[torch.Tensor]) -> torch.Tensor:
+        """Per-model-tensor totals ``[k, num_keys]`` (float64) from the buckets' segment sums."""
+        device = seg_sums[0].device
+        sums = torch.cat([s.to(device) for s in seg_sums], dim=1)
+        keys = torch.tensor([k for b in buckets for k in b.seg_keys], dtype=torch.long, device=device)
+        layouts = [lay for b in buckets for lay in b.layouts]
+        partitioned = [lay for lay in layouts if lay.partitioned]
+        group_ = partitioned[0].process_group if partitioned else None
+        return reduce_segment_sums(sums, keys, self._num_keys, group_, bool(partitioned))
+
+    def _remember(self, group: dict, ratios: torch.Tensor) -> None:
+        keys = self._group_keys.get(id(group))
+        if keys is None:
+            return
+        idx = torch.tensor(keys, dtype=torch.long, device=ratios.device)
+        self._last_trust[id(group)] = (idx, ratios.index_select(0, idx))
+
+    def _compiled_fn(self, name: str, fn):
+        """``torch.compile`` of a foreach pass (Triton on GPUs); falls back to eager on failure."""
+        compiled = self._compiled.get(name)
+        if compiled is None:
+            try:
+                compiled = torch.compile(fn, dynamic=False)
+            except Exception as exc:  # noqa: BLE001 - any backend failure means: run eagerly
+                self._warn_once("compile", f"torch.compile unavailable ({exc}); using foreach")
+                compiled = fn
+            self._compiled[name] = compiled
+        return compiled

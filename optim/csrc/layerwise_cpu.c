@@ -1,0 +1,126 @@
+/*
+ * CPU kernels for the fused LAMB and LARS steps (fp32, contiguous tensors).
+ *
+ * Why hand-written: LAMB needs a per-tensor reduction between two element-wise passes, and on
+ * the CPU neither torch's foreach ops (one pass and one temporary per op) nor torch.compile
+ * (measured ~2x slower than the memory bound) get close to what the memory system allows.
+ * These kernels touch each byte the minimum number of times: pass 1 reads g, m, v, w and writes
+ * m, v while summing w^2 and u^2; pass 2 recomputes u from m, v, w and writes w. That is
+ * 10 x 4 bytes per parameter against AdamW's 7 x 4, with no temporaries.
+ *
+ * Work is split into fixed blocks (a block never spans two segments); each block's partial sums
+ * go to its own slot, so results do not depend on the number of threads.
+ * Built with the system C compiler and loaded through ctypes (no torch headers: builds in ~1 s).
+ */
+#include <math.h>
+#include <stdint.h>
+
+typedef struct {
+    float beta1, beta2;      /* moment decay rates */
+    float one_minus_beta1, one_minus_beta2; /* from double: 1.0f - 0.999f is off by 1.3e-5 */
+    float grad_scale;        /* multiplies g (global-norm pre-clipping); 1 when off */
+    float inv_bc1, inv_bc2;  /* 1/(1-beta^t) when moments are bias-corrected, else 1 */
+    float eps, weight_decay;
+    int32_t eps_inside_sqrt;
+} lamb_hparams;
+
+/* EPS_INSIDE is a literal at every call site, so each loop is compiled branch-free. */
+#define LAMB_UPDATE(m, v, w, h, EPS_INSIDE)                                                   \
+    (((m) * (h)->inv_bc1) /                                                                  \
+         ((EPS_INSIDE) ? sqrtf((v) * (h)->inv_bc2 + (h)->eps) : sqrtf((v) * (h)->inv_bc2) + (h)->eps) + \
+     (h)->weight_decay * (w))
+
+#define LAMB_PASS1_LOOP(EPS_INSIDE)                                                           \
+    _Pragma("omp simd reduction(+ : w2, u2)")                                                \
+    for (int64_t i = 0; i < n; ++i) {                                                        \
+        const float gi = gb[i] * gs;                                                         \
+        const float mi = b1 * mb[i] + c1 * gi;                                               \
+        const float vi = b2 * vb[i] + c2 * gi * gi;                                          \
+        mb[i] = mi;                                                                          \
+        vb[i] = vi;                                                                          \
+        const float u = LAMB_UPDATE(mi, vi, wb[i], h, EPS_INSIDE);                           \
+        w2 += (double)wb[i] * wb[i];                                                         \
+        u2 += (double)u * u;                                                                 \
+    }
+
+void lamb_pass1(int64_t nblk, const int64_t *blk_tensor, const int64_t *blk_start,
+                const int64_t *blk_len, float *const *w, const float *const *g, float *const *m,
+                float *const *v, double *blk_w2, double *blk_u2, const lamb_hparams *h,
+                int nthreads) {
+    const float b1 = h->beta1, b2 = h->beta2, c1 = h->one_minus_beta1, c2 = h->one_minus_beta2;
+    const float gs = h->grad_scale;
+    const int eps_inside = h->eps_inside_sqrt;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
+    for (int64_t b = 0; b < nblk; ++b) {
+        const int64_t t = blk_tensor[b], s = blk_start[b], n = blk_len[b];
+        const float *wb = w[t] + s, *gb = g[t] + s;
+        float *mb = m[t] + s, *vb = v[t] + s;
+        double w2 = 0.0, u2 = 0.0;
+        if (eps_inside) {
+            LAMB_PASS1_LOOP(1)
+        } else {
+            LAMB_PASS1_LOOP(0)
+        }
+        blk_w2[b] = w2;
+        blk_u2[b] = u2;
+    }
+}
+
+/* w += scale * u, with scale = -(step size) * (trust ratio) of the block's tensor. */
+void lamb_pass2(int64_t nblk, const int64_t *blk_tensor, const int64_t *blk_start,
+                const int64_t *blk_len, float *const *w, float *const *m, float *const *v,
+                const float *blk_scale, const lamb_hparams *h, int nthreads) {
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
+    for (int64_t b = 0; b < nblk; ++b) {
+        const int64_t t = blk_tensor[b], s = blk_start[b], n = blk_len[b];
+        float *wb = w[t] + s;
+        const float *mb = m[t] + s, *vb = v[t] + s;
+        const float scale = blk_scale[b];
+        if (h->eps_inside_sqrt) {
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) wb[i] += scale * LAMB_UPDATE(mb[i], vb[i], wb[i], h, 1);
+        } else {
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) wb[i] += scale * LAMB_UPDATE(mb[i], vb[i], wb[i], h, 0);
+        }
+    }
+}
+
+/* Sums of squares of two tensor lists per block (LARS needs ||w|| and ||g||). */
+void sumsq2(int64_t nblk, const int64_t *blk_tensor, const int64_t *blk_start,
+            const int64_t *blk_len, const float *const *a, const float *const *c, double *blk_a2,
+            double *blk_c2, float c_scale, int nthreads) {
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
+    for (int64_t b = 0; b < nblk; ++b) {
+        const int64_t t = blk_tensor[b], s = blk_start[b], n = blk_len[b];
+        const float *ab = a[t] + s, *cb = c[t] + s;
+        double a2 = 0.0, c2 = 0.0;
+#pragma omp simd reduction(+ : a2, c2)
+        for (int64_t i = 0; i < n; ++i) {
+            const float ci = cb[i] * c_scale;
+            a2 += (double)ab[i] * ab[i];
+            c2 += (double)ci * ci;
+        }
+        blk_a2[b] = a2;
+        blk_c2[b] = c2;
+    }
+}
+
+/* LARS: buf = momentum * buf + rate * (g + wd * w); w -= lr * buf. rate is per block. */
+void lars_pass2(int64_t nblk, const int64_t *blk_tensor, const int64_t *blk_start,
+                const int64_t *blk_len, float *const *w, const float *const *g, float *const *buf,
+                const float *blk_rate, float momentum, float weight_decay, float lr, int nthreads) {
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
+    for (int64_t b = 0; b < nblk; ++b) {
+        const int64_t t = blk_tensor[b], s = blk_start[b], n = blk_len[b];
+        float *wb = w[t] + s, *bb = buf[t] + s;
+        const float *gb = g[t] + s;
+        const float rate = blk_rate[b];
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+            const float d = momentum * bb[i] + rate * (gb[i] + weight_decay * wb[i]);
+            bb[i] = d;
+            wb[i] -= lr * d;
+        }
+    }
+}

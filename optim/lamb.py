@@ -1,0 +1,289 @@
+"""LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in 76
+minutes", arXiv 1904.00962) in the variants that published BERT recipes use.
+
+The learning rates of the recipes only carry over with the same math, so each variant is a
+preset of explicit knobs (any knob passed as a keyword overrides its preset):
+
+=========== ============== ================ =========== ================ =====================
+variant     bias_correction grad pre-norm    ratio clamp adapt no-decay    source
+=========== ============== ================ =========== ================ =====================
+paper       moments         no               none        yes              Algorithm 2; TF-Addons
+nvidia      moments         global norm, 1.0 none        no (r = 1)       NVIDIA DLE BERT, apex
+deepspeed   step size       no               [0.01, 10]  yes              DeepSpeed FusedLamb
+=========== ============== ================ =========== ================ =====================
+
+With m, v the moments: ``moments`` uses m̂ = m/(1−β1ᵗ), v̂ = v/(1−β2ᵗ) and step size lr;
+``step`` uses m, v as they are and step size lr·√(1−β2ᵗ)/(1−β1ᵗ); ``none`` neither.
+u = m̂/(√v̂+ε) + λw (ε inside the root with ``eps_inside_sqrt``), r = ‖w‖/‖u‖ (clamped to
+[min_coeff, max_coeff] when given; 1 when either norm is 0), w ← w − step·r·u.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import _native
+from ._layerwise import Bucket, LayerwiseOptimizer
+
+VARIANTS: dict[str, dict] = {
+    "paper": dict(bias_correction="moments", grad_pre_normalization=False, max_grad_norm=1.0,
+                  min_coeff=None, max_coeff=None, adapt_no_decay=True, eps_inside_sqrt=False),
+    "nvidia": dict(bias_correction="moments", grad_pre_normalization=True, max_grad_norm=1.0,
+                   min_coeff=None, max_coeff=None, adapt_no_decay=False, eps_inside_sqrt=False),
+    "deepspeed": dict(bias_correction="step", grad_pre_normalization=False, max_grad_norm=1.0,
+                      min_coeff=0.01, max_coeff=10.0, adapt_no_decay=True, eps_inside_sqrt=False),
+}
+_BIAS_MODES = ("moments", "step", "none")
+
+
+def _resolve_knobs(variant: str, knobs: dict) -> dict:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown LAMB variant {variant!r}; known: {sorted(VARIANTS)}")
+    resolved = dict(VARIANTS[variant])
+    unknown = set(knobs) - set(resolved)
+    if unknown:
+        raise TypeError(f"Lamb got unknown keyword(s) {sorted(unknown)}; knobs are {sorted(resolved)}")
+    resolved.update(knobs)
+    bc = resolved["bias_correction"]
+    if bc is True:
+        bc = VARIANTS[variant]["bias_correction"]
+    elif bc is False:
+        bc = "none"
+    if bc not in _BIAS_MODES:
+        raise ValueError(f"bias_correction must be True, False or one of {_BIAS_MODES}, got {bc!r}")
+    resolved["bias_correction"] = bc
+    return resolved
+
+
+class Lamb(LayerwiseOptimizer):
+    """Layer-wise Adaptive Moments for Batch training.
+
+    Args:
+        params: tensors, or param groups (dicts; ``optim.param_groups`` builds the usual
+            decay/no-decay split with names for telemetry).
+        lr, betas, eps, weight_decay: as in Adam/AdamW (decoupled weight decay inside u).
+        variant: ``"paper"``, ``"nvidia"`` or ``"deepspeed"`` (see module docstring).
+        impl: ``"loop"``, ``"foreach"``, ``"fused"`` or ``None`` (fastest that works here).
+        **knobs: ``bias_correction``, ``grad_pre_normalization``, ``max_grad_norm``,
+            ``min_coeff``, ``max_coeff``, ``adapt_no_decay``, ``eps_inside_sqrt``.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.01, variant: str = "paper",
+                 impl: Optional[str] = None, **knobs) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"Lamb: lr, eps and weight_decay must be >= 0 (got {lr}, {eps}, {weight_decay})")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Lamb: betas must be in [0, 1), got {betas}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        **_resolve_knobs(variant, knobs))
+        self.variant = variant
+        super().__init__(params, defaults, impl)
+
+    # -- global gradient norm (nvidia pre-normalization) --------------------------------
+    def _grad_scale(self) -> Optional[torch.Tensor]:
+        groups = [g for g in self.param_groups if g["grad_pre_normalization"]]
+        if not groups:
+            return None
+        max_norms = {g["max_grad_norm"] for g in groups}
+        if len(max_norms) != 1:
+            raise ValueError(f"Lamb: param groups disagree on max_grad_norm {sorted(max_norms)}")
+        if self._global_grad_norm_fn is not None:
+            norm = self._global_grad_norm_fn()
+            if norm is None:
+                raise RuntimeError("Lamb: grad_pre_normalization needs DeepSpeed's global gradient "
+                                   "norm; set zero_optimization.compute_grad_norm to true")
+            norm = torch.as_tensor(norm, dtype=torch.float64)
+        else:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if not grads:
+                return None
+            norms = [torch.linalg.vector_norm(n.to(torch.float64))
+                     for n in torch._foreach_norm(grads)] if grads else []
+            device = grads[0].device
+            norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        return 1.0 / torch.clamp(norm / max_norms.pop(), min=1.0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = self._grad_scale()
+        for group in self.param_groups:
+            buckets = self._buckets(group)
+            if buckets:
+                self._step_group(group, buckets, grad_scale)
+        return loss
+
+    def _step_group(self, group: dict, buckets: list[Bucket], grad_scale: Optional[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        t = None
+        for b in buckets:
+            for p in b.params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = state["step"] if t is None else t
+        mode = group["bias_correction"]
+        bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
+        hp = dict(beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"],
+                  inv_bc1=1.0 / bc1 if mode == "moments" else 1.0,
+                  inv_bc2=1.0 / bc2 if mode == "moments" else 1.0,
+                  eps_inside=bool(group["eps_inside_sqrt"]))
+        step_size = group["lr"] * (math.sqrt(bc2) / bc1 if mode == "step" else 1.0)
+
+        runs = []
+        for b in buckets:
+            ws = b.params
+            gs = [p.grad for p in ws]
+            ms = [self.state[p]["exp_avg"] for p in ws]
+            vs = [self.state[p]["exp_avg_sq"] for p in ws]
+            impl = self._choose_impl(ws + gs + ms + vs)
+            gscale = None if grad_scale is None else grad_scale.to(ws[0].device, ws[0].dtype)
+            if impl == "fused":
+                sums, extra = _pass1_native(b, ws, gs, ms, vs, hp, gscale, self._plans)
+            elif impl == "compiled":
+                sums, extra = self._compiled_fn("lamb1", _pass1_foreach)(b, ws, gs, ms, vs, hp, gscale)
+            elif impl == "foreach":
+                sums, extra = _pass1_foreach(b, ws, gs, ms, vs, hp, gscale)
+            else:
+                sums, extra = _pass1_loop(b, ws, gs, ms, vs, hp, gscale)
+            runs.append((b, impl, ws, ms, vs, extra, sums))
+
+        totals = self._reduce(group, buckets, [r[-1] for r in runs])
+        w_norm, u_norm = totals[0].sqrt(), totals[1].sqrt()
+        ratio = w_norm / u_norm
+        if group["min_coeff"] is not None or group["max_coeff"] is not None:
+            ratio = ratio.clamp(min=group["min_coeff"], max=group["max_coeff"])
+        ratio = torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
+        if group["weight_decay"] == 0 and not group["adapt_no_decay"]:
+            ratio = torch.ones_like(ratio)
+        self._remember(group, ratio)
+
+        for b, impl, ws, ms, vs, extra, _ in runs:
+            seg_scale = -step_size * ratio.index_select(
+                0, torch.tensor(b.seg_keys, dtype=torch.long, device=ratio.device))
+            if impl == "fused":
+                _pass2_native(b, ws, ms, vs, hp, seg_scale, self._plans)
+            else:
+                scale = seg_scale.to(ws[0].device, ws[0].dtype)
+                if impl == "loop":
+                    _pass2_loop(b, ws, extra, scale)
+                elif impl == "compiled":
+                    self._compiled_fn("lamb2", _pass2_foreach)(b, ws, extra, scale)
+                else:
+                    _pass2_foreach(b, ws, extra, scale)
+
+
+# ---------------------------------------------------------------------------------------
+# Functional passes. Pass 1 updates the moments and returns [2, num_segments] float64 sums of
+# w² and u² (plus what pass 2 needs); pass 2 applies w += scale_segment * u.
+# ---------------------------------------------------------------------------------------
+
+def _update_direction(m, v, w, hp):
+    denom = (v * hp["inv_bc2"] + hp["eps"]).sqrt() if hp["eps_inside"] else (v * hp["inv_bc2"]).sqrt() + hp["eps"]
+    u = (m * hp["inv_bc1"]) / denom
+    if hp["wd"] != 0:
+        u = u + hp["wd"] * w
+    return u
+
+
+def _pass1_loop(b: Bucket, ws, gs, ms, vs, hp, gscale):
+    """Reference: one tensor at a time, u kept for pass 2."""
+    us, sums = [], []
+    for w, g, m, v, lay in zip(ws, gs, ms, vs, b.layouts):
+        if gscale is not None:
+            g = g * gscale
+        m.mul_(hp["beta1"]).add_(g, alpha=1 - hp["beta1"])
+        v.mul_(hp["beta2"]).addcmul_(g, g, value=1 - hp["beta2"])
+        u = _update_direction(m, v, w, hp)
+        us.append(u)
+        for s, n in zip(lay.starts, lay.lengths):
+            w_seg = w.reshape(-1).narrow(0, s, n).to(torch.float64)
+            u_seg = u.reshape(-1).narrow(0, s, n).to(torch.float64)
+            sums.append(torch.stack([(w_seg * w_seg).sum(), (u_seg * u_seg).sum()]))
+    return torch.stack(sums, dim=1), us
+
+
+def _pass2_loop(b: Bucket, ws, us, scale):
+    i = 0
+    for w, u, lay in zip(ws, us, b.layouts):
+        for s, n in zip(lay.starts, lay.lengths):
+            w.reshape(-1).narrow(0, s, n).add_(u.reshape(-1).narrow(0, s, n) * scale[i])
+            i += 1
+
+
+def _pass1_foreach(b: Bucket, ws, gs, ms, vs, hp, gscale):
+    """Multi-tensor: the same math as ``_pass1_loop`` with one kernel per op over all tensors."""
+    if gscale is not None:
+        gs = torch._foreach_mul(gs, gscale)
+    torch._foreach_mul_(ms, hp["beta1"])
+    torch._foreach_add_(ms, gs, alpha=1 - hp["beta1"])
+    torch._foreach_mul_(vs, hp["beta2"])
+    torch._foreach_addcmul_(vs, gs, gs, value=1 - hp["beta2"])
+    denom = torch._foreach_mul(vs, hp["inv_bc2"])
+    if hp["eps_inside"]:
+        torch._foreach_add_(denom, hp["eps"])
+        torch._foreach_sqrt_(denom)
+    else:
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, hp["eps"])
+    us = torch._foreach_mul(ms, hp["inv_bc1"])
+    torch._foreach_div_(us, denom)
+    if hp["wd"] != 0:
+        torch._foreach_add_(us, ws, alpha=hp["wd"])
+    w_norms = torch._foreach_norm(b.segment_views(ws))
+    u_norms = torch._foreach_norm(b.segment_views(us))
+    sums = torch.stack([torch.stack(w_norms), torch.stack(u_norms)]).to(torch.float64).square()
+    return sums, us
+
+
+def _pass2_foreach(b: Bucket, ws, us, scale):
+    u_views = b.segment_views(us)
+    torch._foreach_mul_(u_views, list(scale.unbind()))
+    torch._foreach_add_(b.segment_views(ws), u_views)
+
+
+def _native_hparams(hp, gscale) -> _native.LambHparams:
+    return _native.LambHparams(
+        beta1=hp["beta1"], beta2=hp["beta2"], one_minus_beta1=1.0 - hp["beta1"],
+        one_minus_beta2=1.0 - hp["beta2"], grad_scale=1.0 if gscale is None else float(gscale),
+        inv_bc1=hp["inv_bc1"], inv_bc2=hp["inv_bc2"], eps=hp["eps"], weight_decay=hp["wd"],
+        eps_inside_sqrt=int(hp["eps_inside"]))
+
+
+def _pass1_native(b: Bucket, ws, gs, ms, vs, hp, gscale, plans):
+    """C/OpenMP: moments updated and sums taken in one sweep; u is not stored (recomputed)."""
+    import ctypes
+
+    plan = b.block_plan(plans)
+    lib = _native.library()
+    blk_w2 = torch.empty(plan.nblk, dtype=torch.float64)
+    blk_u2 = torch.empty(plan.nblk, dtype=torch.float64)
+    ptrs = [_native.pointers(x) for x in (ws, gs, ms, vs)]
+    h = _native_hparams(hp, gscale)
+    lib.lamb_pass1(*plan.args(), *(p.ctypes.data for p in ptrs), blk_w2.data_ptr(), blk_u2.data_ptr(),
+                   ctypes.byref(h), _native.num_threads())
+    nseg = len(b.seg_keys)
+    sums = torch.zeros(2, nseg, dtype=torch.float64)
+    sums[0].index_add_(0, plan.seg, blk_w2)
+    sums[1].index_add_(0, plan.seg, blk_u2)
+    return sums, h
+
+
+def _pass2_native(b: Bucket, ws, ms, vs, hp, seg_scale, plans):
+    import ctypes
+
+    plan = b.block_plan(plans)
+    blk_scale = seg_scale.to(torch.float32).index_select(0, plan.seg).contiguous()
+    h = _native_hparams(hp, None)
+    ptrs = [_native.pointers(x) for x in (ws, ms, vs)]
+    _native.library().lamb_pass2(*plan.args(), *(p.ctypes.data for p in ptrs), blk_scale.data_ptr(),
+                                 ctypes.byref(h), _native.num_threads())

@@ -1,0 +1,139 @@
+"""LARS (You, Gitman, Ginsburg 2017, "Large Batch Training of Convolutional Networks",
+arXiv 1708.03888): momentum SGD whose step for each tensor is scaled by a local learning rate
+
+    rate = η·‖w‖ / (‖g‖ + λ‖w‖ + eps)       (1 when ‖w‖ or ‖g‖ is 0)
+    buf ← μ·buf + rate·(g + λw);  w ← w − lr·buf
+
+Param groups with λ = 0 (biases, LayerNorm) take rate = 1: plain momentum SGD. This is the
+baseline the LAMB paper compares against on BERT.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _native
+from ._layerwise import Bucket, LayerwiseOptimizer
+
+
+class Lars(LayerwiseOptimizer):
+    """Layer-wise Adaptive Rate Scaling over momentum SGD (see module docstring)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, eps: float = 0.0, impl: Optional[str] = None) -> None:
+        if lr < 0 or momentum < 0 or weight_decay < 0 or trust_coefficient <= 0 or eps < 0:
+            raise ValueError("Lars: lr, momentum, weight_decay, eps must be >= 0 and trust_coefficient > 0 "
+                             f"(got lr={lr}, momentum={momentum}, weight_decay={weight_decay}, "
+                             f"trust_coefficient={trust_coefficient}, eps={eps})")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, eps=eps)
+        super().__init__(params, defaults, impl)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            buckets = self._buckets(group)
+            if buckets:
+                self._step_group(group, buckets)
+        return loss
+
+    def _step_group(self, group: dict, buckets: list[Bucket]) -> None:
+        wd, mom, lr = group["weight_decay"], group["momentum"], group["lr"]
+        runs = []
+        for b in buckets:
+            ws = b.params
+            gs = [p.grad for p in ws]
+            bufs = []
+            for p in ws:
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(state["momentum_buffer"])
+            impl = self._choose_impl(ws + gs + bufs)
+            if impl == "fused":
+                sums = _sums_native(b, ws, gs, self._plans)
+            elif impl == "loop":
+                sums = _sums_loop(b, ws, gs)
+            else:
+                sums = _sums_foreach(b, ws, gs)
+            runs.append((b, impl, ws, gs, bufs, sums))
+
+        totals = self._reduce(group, buckets, [r[-1] for r in runs])
+        w_norm, g_norm = totals[0].sqrt(), totals[1].sqrt()
+        rate = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+        rate = torch.where((w_norm > 0) & (g_norm > 0), rate, torch.ones_like(rate))
+        if wd == 0:
+            rate = torch.ones_like(rate)
+        self._remember(group, rate)
+
+        for b, impl, ws, gs, bufs, _ in runs:
+            seg_rate = rate.index_select(0, torch.tensor(b.seg_keys, dtype=torch.long, device=rate.device))
+            if impl == "fused":
+                _apply_native(b, ws, gs, bufs, seg_rate, mom, wd, lr, self._plans)
+            elif impl == "loop":
+                _apply_loop(b, ws, gs, bufs, seg_rate.to(ws[0].device, ws[0].dtype), mom, wd, lr)
+            else:
+                fn = _apply_foreach if impl == "foreach" else self._compiled_fn("lars2", _apply_foreach)
+                fn(b, ws, gs, bufs, seg_rate.to(ws[0].device, ws[0].dtype), mom, wd, lr)
+
+
+def _sums_loop(b: Bucket, ws, gs):
+    sums = []
+    for w, g, lay in zip(ws, gs, b.layouts):
+        for s, n in zip(lay.starts, lay.lengths):
+            w_seg = w.reshape(-1).narrow(0, s, n).to(torch.float64)
+            g_seg = g.reshape(-1).narrow(0, s, n).to(torch.float64)
+            sums.append(torch.stack([(w_seg * w_seg).sum(), (g_seg * g_seg).sum()]))
+    return torch.stack(sums, dim=1)
+
+
+def _apply_loop(b: Bucket, ws, gs, bufs, rate, mom, wd, lr):
+    i = 0
+    for w, g, buf, lay in zip(ws, gs, bufs, b.layouts):
+        for s, n in zip(lay.starts, lay.lengths):
+            w_seg, g_seg, buf_seg = (x.reshape(-1).narrow(0, s, n) for x in (w, g, buf))
+            buf_seg.mul_(mom).add_((g_seg + wd * w_seg) * rate[i])
+            w_seg.add_(buf_seg, alpha=-lr)
+            i += 1
+
+
+def _sums_foreach(b: Bucket, ws, gs):
+    w_norms = torch._foreach_norm(b.segment_views(ws))
+    g_norms = torch._foreach_norm(b.segment_views(gs))
+    return torch.stack([torch.stack(w_norms), torch.stack(g_norms)]).to(torch.float64).square()
+
+
+def _apply_foreach(b: Bucket, ws, gs, bufs, rate, mom, wd, lr):
+    w_views, buf_views = b.segment_views(ws), b.segment_views(bufs)
+    d = torch._foreach_add(b.segment_views(gs), w_views, alpha=wd) if wd else \
+        torch._foreach_mul(b.segment_views(gs), 1.0)
+    torch._foreach_mul_(d, list(rate.unbind()))
+    torch._foreach_mul_(buf_views, mom)
+    torch._foreach_add_(buf_views, d)
+    torch._foreach_add_(w_views, buf_views, alpha=-lr)
+
+
+def _sums_native(b: Bucket, ws, gs, plans):
+    plan = b.block_plan(plans)
+    blk_w2 = torch.empty(plan.nblk, dtype=torch.float64)
+    blk_g2 = torch.empty(plan.nblk, dtype=torch.float64)
+    pw, pg = _native.pointers(ws), _native.pointers(gs)
+    _native.library().sumsq2(*plan.args(), pw.ctypes.data, pg.ctypes.data, blk_w2.data_ptr(),
+                             blk_g2.data_ptr(), 1.0, _native.num_threads())
+    sums = torch.zeros(2, len(b.seg_keys), dtype=torch.float64)
+    sums[0].index_add_(0, plan.seg, blk_w2)
+    sums[1].index_add_(0, plan.seg, blk_g2)
+    return sums
+
+
+def _apply_native(b: Bucket, ws, gs, bufs, seg_rate, mom, wd, lr, plans):
+    plan = b.block_plan(plans)
+    blk_rate = seg_rate.to(torch.float32).index_select(0, plan.seg).contiguous()
+    pw, pg, pb = (_native.pointers(x) for x in (ws, gs, bufs))
+    _native.library().lars_pass2(*plan.args(), pw.ctypes.data, pg.ctypes.data, pb.ctypes.data,
+                                 blk_rate.data_ptr(), mom, wd, lr, _native.num_threads())
