@@ -172,15 +172,12 @@ def _tokenize_unit_inner(job: _TokJob) -> dict:
         if len(pending) >= 8192:
             encode_pending()
     encode_pending()
-    docs = stats.documents - counts["empty_documents"]
-    meta = {"unit": job.unit.label(), "format": job.unit.fmt, "documents": docs, **counts,
-            "problems": {k: getattr(stats, k) for k in ("invalid_utf8", "long_lines", "short_documents",
-                                                        "split_documents", "bad_records")},
-            "messages": stats.messages}
-    meta["problems"]["empty_documents"] = counts.pop("empty_documents")
-    meta["problems"]["split_sentences"] = counts.pop("split_sentences")
-    meta.pop("empty_documents", None)
-    meta.pop("split_sentences", None)
+    problems = {k: getattr(stats, k) for k in ("invalid_utf8", "long_lines", "short_documents", "split_documents",
+                                                "bad_records")}
+    problems["empty_documents"] = counts.pop("empty_documents")  # text that tokenized to nothing
+    problems["split_sentences"] = counts.pop("split_sentences")
+    meta = {"unit": job.unit.label(), "format": job.unit.fmt, "documents": stats.documents - problems["empty_documents"],
+            **counts, "problems": problems, "messages": stats.messages}
     out.commit(meta)
     _maybe_crash()
     return meta
@@ -242,6 +239,13 @@ class _PairJob:
 
 
 def _pair_unit(job: _PairJob) -> dict:
+    try:
+        return _pair_unit_inner(job)
+    except OSError as e:  # disk full, work files removed under us
+        raise DataPrepError(f"pairing unit {job.index} into {job.out}: {e.strerror or e}") from None
+
+
+def _pair_unit_inner(job: _PairJob) -> dict:
     cfg: BuildConfig = _W["cfg"]
     vocab: Vocab = _W["vocab"]
     tok_dirs: list[str] = _W["tok_dirs"]
@@ -470,7 +474,7 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
     """Run (or resume) a build; returns the manifest of each seq len."""
     out = Path(cfg.output)
     vocab = load_vocab(cfg.vocab, cfg.lowercase)
-    units, skipped = discover(cfg.inputs, cfg.fmt)
+    units, skipped = discover(cfg.inputs, cfg.fmt, exclude=cfg.output)
     if not units:
         why = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5]) or "no files"
         raise DataPrepError(f"no usable input ({why})")
@@ -539,14 +543,15 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
         doc_counts = np.array([metas[i]["documents"] for i in live], np.int64)
         state |= {"tok_dirs": [tok_dirs[i] for i in live], "doc_cum": np.concatenate([[0], np.cumsum(doc_counts)])}
         pair_dirs: dict[int, list[Path]] = {}
+        corpus_key = _hash([keys[x] for x in live])
         jobs = []
         for L, mp_ in zip(cfg.seq_lens, max_preds):
             if L in manifests:
                 continue
             (work / f"seq{L}").mkdir(exist_ok=True)
             pair_dirs[L] = []
-            for j, i in enumerate(live):
-                d = work / f"seq{L}" / _hash(keys[i], j, [keys[x] for x in live], build_opts, L, mp_)
+            for j, i in enumerate(live):  # random B segments may come from any unit: all of them are in the key
+                d = work / f"seq{L}" / _hash(keys[i], j, corpus_key, build_opts, L, mp_)
                 pair_dirs[L].append(d)
                 if not (d / "meta.json").is_file():
                     jobs.append(_PairJob(j, L, mp_, str(d)))

@@ -103,17 +103,20 @@ def sniff(path: str, fmt: str) -> tuple[str | None, str | None]:
     return "text", None
 
 
-def discover(inputs: list[str], fmt: str = "auto") -> tuple[list[Unit], list[dict]]:
+def discover(inputs: list[str], fmt: str = "auto", exclude: str | None = None) -> tuple[list[Unit], list[dict]]:
     """Expand files, globs and directories into units (sorted, so the order never depends on the
-    file system) plus the list of skipped paths with reasons. Raises on paths that do not exist."""
+    file system) plus the list of skipped paths with reasons. Raises on paths that do not exist.
+    Files under ``exclude`` (the build's own output, when it lies inside an input) are ignored."""
     if fmt not in FORMATS:
         raise DataPrepError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
     units: list[Unit] = []
     skipped: list[dict] = []
     seen: set[str] = set()
 
+    skip_root = os.path.realpath(exclude) if exclude else None
+
     def add_file(path: str) -> None:
-        if path in seen:
+        if path in seen or (skip_root and os.path.realpath(path).startswith(skip_root + os.sep)):
             return
         seen.add(path)
         got, reason = sniff(path, fmt)

@@ -329,6 +329,16 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, corpus, vocab):
         assert sha(tmp_path / "o" / "seq64" / f"shard_{k:05d}.bin") == sha(clean / "seq64" / f"shard_{k:05d}.bin")
 
 
+def test_output_inside_an_input_directory_is_not_read_back(tmp_path, vocab):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_text(src / "a.txt", make_docs(30, seed=3))
+    out = run_build(tmp_path, [src], vocab, name="src/out", seq_lens=(64,))
+    out = run_build(tmp_path, [src], vocab, name="src/out", seq_lens=(64,), seed=9, overwrite=True)
+    m = json.loads((out / "seq64" / "manifest.json").read_text())
+    assert [Path(i["path"]).name for i in m["inputs"]] == ["a.txt"] and not m["skipped"]
+
+
 def test_rebuild_with_other_options_needs_overwrite(tmp_path, corpus, vocab):
     run_build(tmp_path, [corpus[0]], vocab, seq_lens=(64,))
     with pytest.raises(DataPrepError, match="--overwrite"):
