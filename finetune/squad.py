@@ -29,7 +29,7 @@ import torch
 from finetune.checkpoint import CheckpointError, load_model
 from finetune.data import SquadFormatError, Skips, read_squad
 from finetune.evaluate import best_null_threshold, evaluate
-from finetune.features import build_features, postprocess
+from finetune.features import Prediction, build_features, postprocess
 
 log = logging.getLogger("finetune.squad")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "squad.json"
@@ -233,9 +233,16 @@ def main(argv=None) -> int:
     def run_prediction():
         t0 = time.perf_counter()
         s_log, e_log = predict_logits(engine, dev_feats, args, rank, world, device)
-        preds = postprocess(dev_feats, s_log, e_log, n_best_size=args.n_best_size,
-                            max_answer_length=args.max_answer_length, version_2=args.version_2) \
-            if rank == 0 else {}
+        preds = {}
+        if rank == 0:
+            preds = postprocess(dev_feats, s_log, e_log, n_best_size=args.n_best_size,
+                                max_answer_length=args.max_answer_length, version_2=args.version_2)
+            # Skipped questions (e.g. empty context) get the only possible answer: none.
+            for ex in dev_examples:
+                if ex.qid not in preds:
+                    preds[ex.qid] = Prediction("", 0.0, [  # "" whatever the threshold
+                        {"text": "", "start_logit": None, "end_logit": None, "score": None,
+                         "start_char": -1, "end_char": -1, "probability": 1.0}])
         return preds, time.perf_counter() - t0
 
     cfg = ds_config(args, world)
@@ -272,6 +279,7 @@ def main(argv=None) -> int:
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    lr_scheduler=scheduler, config=cfg)
 
+    metrics["model_dtype"] = str(next(engine.module.parameters()).dtype).replace("torch.", "")
     eval_log = []
     if train:
         engine.train()
@@ -294,7 +302,7 @@ def main(argv=None) -> int:
                 if args.eval_every and dev_feats is not None and step % args.eval_every == 0:
                     preds, _ = run_prediction()
                     if rank == 0 and has_answers:
-                        _, m = score_predictions(preds, dev_feats.examples, args, True)
+                        _, m = score_predictions(preds, dev_examples, args, True)
                         eval_log.append({"step": step, "exact_match": m["exact_match"], "f1": m["f1"]})
                         tqdm.write(f"step {step}: EM {m['exact_match']:.2f} F1 {m['f1']:.2f}")
                 if step >= total_steps:
@@ -316,10 +324,10 @@ def main(argv=None) -> int:
     if dev_feats is not None:
         preds, predict_time = run_prediction()
         if rank == 0:
-            final, m = score_predictions(preds, dev_feats.examples, args, has_answers)
+            final, m = score_predictions(preds, dev_examples, args, has_answers)
             metrics.update(m)
-            metrics.update({"predict_seconds": predict_time, "predict_questions": len(dev_feats.examples),
-                            "predict_questions_per_second": len(dev_feats.examples) / predict_time})
+            metrics.update({"predict_seconds": predict_time, "predict_questions": len(dev_examples),
+                            "predict_questions_per_second": len(dev_examples) / predict_time})
             nbest = {q: p.nbest for q, p in preds.items()}
             null_odds = {q: p.null_diff for q, p in preds.items()}
 

@@ -103,7 +103,8 @@ def test_train_predict_v1(shared_data, tiny_checkpoint, tmp_path):
 @pytest.mark.slow
 def test_train_predict_v2_threshold(shared_data, tiny_checkpoint, tmp_path):
     """A SQuAD 2.0 file made from real questions: every third one gets another article's context
-    and becomes unanswerable. The chosen null threshold must reproduce the reported scores."""
+    and becomes unanswerable. The chosen null threshold must reproduce the reported scores.
+    Also runs in bf16, which DeepSpeed supports on the CPU."""
     raw = json.loads((shared_data / "squad" / "train-v1.1-articles-00-43.json").read_text())
     paras = [p for a in raw["data"][:3] for p in a["paragraphs"]][:12]
     other = raw["data"][5]["paragraphs"]
@@ -121,7 +122,7 @@ def test_train_predict_v2_threshold(shared_data, tiny_checkpoint, tmp_path):
     path.write_text(json.dumps(v2))
     out = tmp_path / "out"
     _run(["--checkpoint", tiny_checkpoint, "--train-file", path, "--predict-file", path,
-          "--output", out, "--version-2", *SMALL])
+          "--output", out, "--version-2", "--bf16", *SMALL])
     examples = read_squad(path).examples
     preds, metrics = _check_outputs(out, examples, version_2=True)
     assert metrics["null_threshold_source"] == "best F1 on the predict file"
@@ -131,6 +132,7 @@ def test_train_predict_v2_threshold(shared_data, tiny_checkpoint, tmp_path):
     for qid, text in preds.items():
         best_text = next((c["text"] for c in nbest[qid] if c["text"]), "")
         assert text == ("" if odds[qid] > t else best_text)
+    assert metrics["precision"] == "bf16" and metrics["model_dtype"] == "bfloat16"
     assert metrics["NoAns_total"] == 4 and metrics["HasAns_total"] == len(examples) - 4
 
 
@@ -159,3 +161,25 @@ def test_deepspeed_two_processes(shared_data, tiny_checkpoint, tmp_path):
           "--config", ROOT / "ds_configs" / "squad.json", *SMALL], launcher=launcher)
     preds, metrics = _check_outputs(out, read_squad(dev).examples[:30])
     assert metrics["world_size"] == 2
+
+
+def test_predict_only_counts_empty_context(tiny_checkpoint, tmp_path):
+    """No --train-file: the checkpoint is only used to predict. A question with an empty context
+    is skipped by name, answered "" and still counted in the scores."""
+    data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [
+        {"context": "Denver Broncos won Super Bowl 50.", "qas": [
+            {"id": "ok", "question": "Who won?", "answers": [{"text": "Denver Broncos", "answer_start": 0}]}]},
+        {"context": "", "qas": [
+            {"id": "blank", "question": "Who lost?", "answers": [{"text": "Carolina", "answer_start": 0}]}]},
+    ]}]}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    _run(["--checkpoint", tiny_checkpoint, "--predict-file", path, "--output", out,
+          "--max-seq-length", 64, "--max-query-length", 16])
+    preds = json.loads((out / "predictions.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert preds["blank"] == "" and "ok" in preds
+    assert metrics["predict_skips"]["empty context"] == {"count": 1, "examples": ["blank"]}
+    assert metrics["total"] == 2 and metrics["missing"] == 0
+    assert "train_steps" not in metrics
