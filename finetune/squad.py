@@ -70,6 +70,13 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if not args.train_file and not args.predict_file:
         ap.error("give --train-file, --predict-file or both")
+    for name in ("max_seq_length", "doc_stride", "max_query_length", "n_best_size",
+                 "max_answer_length", "batch_size", "grad_accum", "predict_batch_size"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_seq_length < args.max_query_length + 4:
+        ap.error(f"--max-seq-length {args.max_seq_length} leaves no room for the context after a "
+                 f"--max-query-length {args.max_query_length} question")
     return args
 
 
@@ -95,8 +102,11 @@ def init_distributed():
 
 
 def ds_config(args, world: int) -> dict:
-    with open(args.config) as f:
-        cfg = json.load(f)
+    try:
+        with open(args.config) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{args.config}: cannot read the DeepSpeed config ({e})") from None
     if "optimizer" in cfg:
         raise ValueError(f"{args.config}: remove the 'optimizer' block; the script builds AdamW "
                          f"itself (DeepSpeed's fused Adam needs a C++ build on CPU)")
@@ -217,7 +227,12 @@ def main(argv=None) -> int:
     device = torch.device(deepspeed.accelerator.get_accelerator().current_device_name())
     feat_kw = dict(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
                    max_query_length=args.max_query_length, version_2=args.version_2)
-    metrics: dict = {"world_size": world, "precision": "bf16" if args.bf16 else "fp32",
+    try:
+        cfg = ds_config(args, world)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    metrics: dict = {"world_size": world, "precision": "bf16" if cfg["bf16"]["enabled"] else "fp32",
                      "args": {k: v for k, v in vars(args).items() if k != "local_rank"}}
 
     dev_feats = None
@@ -245,7 +260,6 @@ def main(argv=None) -> int:
                          "start_char": -1, "end_char": -1, "probability": 1.0}])
         return preds, time.perf_counter() - t0
 
-    cfg = ds_config(args, world)
     params = [
         {"params": [p for n, p in model.named_parameters() if not _no_decay(n)],
          "weight_decay": args.weight_decay},
