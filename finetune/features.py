@@ -127,13 +127,13 @@ def _max_context(example_index: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """For tokens seen in several windows, mark the window where it has most context on both sides
     (BERT's ``_check_is_max_context``: score = min(left, right) + 0.01 * window length)."""
     out = np.zeros(offsets.shape[:2], dtype=bool)
-    best: dict[tuple[int, int], tuple[float, int, int]] = {}
+    best: dict[tuple[int, int, int], tuple[float, int, int]] = {}
     for r in range(len(example_index)):
         pos = np.nonzero(offsets[r, :, 0] >= 0)[0]
         n = len(pos)
         for k, p in enumerate(pos):
             score = min(k, n - 1 - k) + 0.01 * n
-            key = (int(example_index[r]), int(offsets[r, p, 0]) * 100003 + int(offsets[r, p, 1]))
+            key = (int(example_index[r]), int(offsets[r, p, 0]), int(offsets[r, p, 1]))
             if key not in best or score > best[key][0]:
                 best[key] = (score, r, int(p))
     for _, r, p in best.values():
