@@ -245,3 +245,25 @@ def test_cli_rejects_non_squad_files(tmp_path):
     run = subprocess.run([sys.executable, "-m", "finetune.evaluate", str(good), str(preds)],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "p.json" in run.stderr and "question id" in run.stderr
+
+
+def test_cli_v2_with_null_odds(tmp_path):
+    """v2 file: HasAns/NoAns figures, and with --na-prob-file the best threshold is reported; it
+    can only improve on answering everything."""
+    data = {"version": "v2.0", "data": [{"title": "t", "paragraphs": [{"context": "Paris is in France.", "qas": [
+        {"id": "a", "question": "Where?", "is_impossible": False,
+         "answers": [{"text": "France", "answer_start": 12}]},
+        {"id": "b", "question": "When?", "is_impossible": True, "answers": []},
+        {"id": "c", "question": "Who?", "is_impossible": True, "answers": []}]}]}]}
+    d = tmp_path / "v2.json"
+    d.write_text(json.dumps(data))
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"a": "France", "b": "Paris", "c": "Paris"}))
+    na = tmp_path / "na.json"
+    na.write_text(json.dumps({"a": -2.0, "b": 1.0, "c": 3.0}))
+    run = subprocess.run([sys.executable, "-m", "finetune.evaluate", str(d), str(p),
+                          "--na-prob-file", str(na)], capture_output=True, text=True, check=True)
+    res = json.loads(run.stdout.strip().splitlines()[-1])
+    assert res["HasAns_total"] == 1 and res["NoAns_total"] == 2
+    assert res["f1"] == pytest.approx(100 / 3)  # only "a" right when everything is answered
+    assert res["best_f1"] == 100.0 and -2.0 <= res["best_null_threshold"] < 1.0
