@@ -151,8 +151,12 @@ def test_bad_input_fails_before_writing(tiny_checkpoint, tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_deepspeed_two_processes(shared_data, tiny_checkpoint, tmp_path):
+    import socket
+    with socket.socket() as s:  # a free port: other suites may run distributed jobs meanwhile
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
-                "--master_port", "29533"]
+                "--master_port", str(port)]
     train = shared_data / "squad" / "train-v1.1-articles-00-43.json"
     dev = shared_data / "squad" / "dev-v1.1-articles-00-23.json"
     out = tmp_path / "out"
