@@ -9,6 +9,12 @@ Three passes, each resumable because every finished piece is renamed into place 
   3. shard     - one streaming pass per seq len: global sample i goes to shard i mod K, so shards
                  differ by at most one sample and each is a stride through the whole corpus.
 Every random choice comes from an RNG seeded by (seed, seq len, dupe, unit index), never by worker.
+
+Memory bound (anonymous memory; memory-mapped inputs add reclaimable page cache on top): each
+worker holds one document (cut at max_doc_chars, 4M characters), up to 8,192 sentences waiting for
+one encode call and a ~4M-token write buffer; the parent holds one merge group (~8M tokens) while
+writing shards. None of it grows with the corpus. One input file is one unit of work, so a single
+huge file is tokenized by one worker (split big JSONL/text files to use all cores).
 """
 from __future__ import annotations
 
@@ -430,7 +436,7 @@ def _ragged(offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def _progress(cfg: BuildConfig, **kw):
     from tqdm import tqdm
 
-    return tqdm(disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr, **kw)
+    return tqdm(disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr, mininterval=1.0, **kw)
 
 
 _CTX = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")

@@ -73,6 +73,7 @@ def load_vocab(path: str | Path, lowercase: bool | None = None) -> Vocab:
     if not vocab_txt.is_file():
         raise DataPrepError(f"{p}: no vocab.txt in this directory")
     tokens = _read_vocab_txt(vocab_txt)
+    explicit_case = lowercase is not None
     cfg_file = vocab_txt.parent / "tokenizer_config.json"
     if lowercase is None and cfg_file.is_file():
         try:
@@ -82,7 +83,7 @@ def load_vocab(path: str | Path, lowercase: bool | None = None) -> Vocab:
     if lowercase is None:  # a bare vocab.txt: an uncased vocab has no upper-case word pieces
         lowercase = not any(t.isalpha() and t != t.lower() for t in tokens if not t.startswith("["))
     tok_json = vocab_txt.parent / "tokenizer.json"
-    if tok_json.is_file() and p.is_dir():
+    if tok_json.is_file() and p.is_dir() and not explicit_case:  # an explicit --cased overrides the file
         tok = Tokenizer.from_file(str(tok_json))
         if tok.get_vocab_size() != len(tokens):
             raise DataPrepError(f"{tok_json}: {tok.get_vocab_size()} tokens but vocab.txt has {len(tokens)}")
