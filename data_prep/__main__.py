@@ -16,8 +16,14 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Corpus preprocessing for BERT pretraining: raw text -> balanced, memory-mapped shards.",
+        epilog="typical use:\n"
+               "  python -m data_prep vocab --input wiki/ books/ --output vocab/ --vocab-size 30522\n"
+               "  python -m data_prep build --input wiki/ books/ --vocab vocab/ --output data/ --seq-lens 128,512\n"
+               "  python -m data_prep inspect data/seq128\n"
+               "then train on data/seq128 and data/seq512 (format: data_prep/FORMAT.md)")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
