@@ -465,6 +465,12 @@ def test_dataset_items_and_dataloader(dynamic_build):
     assert int(item["token_type_ids"].sum()) == n - raw["a_len"]
     k = int((item["masked_lm_labels"] >= 0).sum())
     assert torch.all(item["masked_lm_labels"][k:] == -1) and torch.all(item["masked_lm_positions"][k:] == 0)
+    # what each DataLoader worker receives: the manifest and vocab facts, never the samples
+    import pickle
+
+    restored = pickle.loads(pickle.dumps(ds))
+    assert all(s is None for s in restored._shards), "shard maps must be reopened lazily, not pickled"
+    assert all(torch.equal(restored[3][k], item[k]) for k in item)
     sampler = DistributedPretrainingSampler(ds, num_replicas=1, rank=0, seed=1)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler, num_workers=2)
     batch = next(iter(loader))
