@@ -545,8 +545,14 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
         # Units with no documents take no part in pairing (and cannot be drawn as random documents).
         live = [i for i in range(len(units)) if metas[i]["documents"] > 0]
         if not live:
+            def why(meta: dict) -> str:
+                if meta["messages"]:
+                    return meta["messages"][0]
+                found = ", ".join(f"{k}={v}" for k, v in meta["problems"].items() if v)
+                return f"{meta['unit']}: no documents ({found or 'no text'})"
+
             raise DataPrepError("the inputs hold no usable text: " + "; ".join(
-                f"{units[i].label()}: {metas[i]['problems']}" for i in range(min(3, len(units)))))
+                why(metas[i]) for i in range(min(3, len(units)))))
         doc_counts = np.array([metas[i]["documents"] for i in live], np.int64)
         state |= {"tok_dirs": [tok_dirs[i] for i in live], "doc_cum": np.concatenate([[0], np.cumsum(doc_counts)])}
         pair_dirs: dict[int, list[Path]] = {}

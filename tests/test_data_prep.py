@@ -407,6 +407,10 @@ def test_cli_errors_are_one_line(tmp_path, vocab):
     r = cli("build", "--input", nothing, "--vocab", vocab, "--output", tmp_path / "o")
     assert r.returncode == 2 and "no usable input" in r.stderr and "empty.txt: empty file" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o" / "seq128").exists()
+    nokey = tmp_path / "nokey.jsonl"
+    nokey.write_text('{"title": "a"}\n{"title": "b"}\n')
+    r = cli("build", "--input", nokey, "--vocab", vocab, "--output", tmp_path / "o", "--no-progress")
+    assert r.returncode == 2 and "nokey.jsonl:1: record has no 'text' field" in r.stderr
     r = cli("build", "--input", tmp_path / "missing", "--vocab", vocab, "--output", tmp_path / "o")
     assert r.returncode == 2 and "missing" in r.stderr and "no such file" in r.stderr
     badvocab = tmp_path / "vocab.txt"
