@@ -101,6 +101,13 @@ def initialize(model=None, config: Union[str, Path, dict, None] = None, model_pa
             kwargs["lr_scheduler"] = scheduler
         engine, opt, loader, sched = deepspeed.initialize(model=model, config=cfg, **kwargs)
     else:
+        if opt_type is not None:
+            from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+            if opt_type.lower() not in DEEPSPEED_OPTIMIZERS:
+                raise ValueError(
+                    f"config optimizer.type {opt_type!r} is unknown: registered here: "
+                    f"{', '.join(registry.known())}; DeepSpeed's own: {', '.join(DEEPSPEED_OPTIMIZERS)}")
         engine, opt, loader, sched = deepspeed.initialize(
             model=model, config=cfg, model_parameters=model_parameters, **kwargs)
     zero.attach(engine)

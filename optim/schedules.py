@@ -81,21 +81,27 @@ def scale_lr(base_lr: float, base_batch_size: int, batch_size: int, rule: str = 
 
 
 # Config names (the "scheduler" block of a DeepSpeed JSON) -> builder of a multiplier function.
+def _warmup(params: dict, total: int) -> int:
+    if ("warmup_proportion" in params) == ("warmup_num_steps" in params):
+        raise ValueError("give exactly one of warmup_proportion and warmup_num_steps")
+    return resolve_warmup(total, params.get("warmup_proportion"), params.get("warmup_num_steps"))
+
+
 def _poly(params: dict) -> Callable[[int], float]:
     total = int(params["total_num_steps"])
-    warm = resolve_warmup(total, params.get("warmup_proportion"), params.get("warmup_num_steps"))
+    warm = _warmup(params, total)
     return partial(poly_decay, total_steps=total, warmup_steps=warm, power=float(params.get("power", 0.5)))
 
 
 def _constant(params: dict) -> Callable[[int], float]:
     total = int(params.get("total_num_steps", 0))
-    warm = resolve_warmup(total, params.get("warmup_proportion"), params.get("warmup_num_steps"))
+    warm = _warmup(params, total)
     return partial(constant_after_warmup, warmup_steps=warm)
 
 
 def _exp(params: dict) -> Callable[[int], float]:
     total = int(params["total_num_steps"])
-    warm = resolve_warmup(total, params.get("warmup_proportion"), params.get("warmup_num_steps"))
+    warm = _warmup(params, total)
     return partial(warmup_exp_decay_exp, total_steps=total, warmup_steps=warm,
                    decay_rate=float(params["decay_rate"]), decay_steps=int(params["decay_steps"]),
                    degree=float(params.get("degree", 2.0)))
@@ -128,6 +134,8 @@ def multiplier_fn(name: str, params: dict) -> Callable[[int], float]:
         return SCHEDULES[name](params)
     except KeyError as exc:
         raise ValueError(f"scheduler {name}: missing param {exc.args[0]!r}") from None
+    except ValueError as exc:
+        raise ValueError(f"scheduler {name}: {exc}") from None
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, params: dict) -> torch.optim.lr_scheduler.LambdaLR:

@@ -30,7 +30,7 @@ RUNS = [
     ["lamb_zero1", "zero1", LAMB], ["lamb_zero2", "zero2", LAMB], ["lamb_naive_zero2", "naive_zero2", LAMB],
     ["lamb_bf16_zero1", "bf16_zero1", LAMB], ["lamb_bf16_zero2", "bf16_zero2", LAMB],
 ["lamb_zero3", "zero3", LAMB],
-    ["lambds_zero2", "zero2", LAMB_DS], ["lars_zero2", "zero2", LARS], ["lars_naive_zero2", "naive_zero2", LARS],
+    ["lamb_resume_zero2", "resume_zero2", LAMB], ["lambds_zero2", "zero2", LAMB_DS], ["lars_zero2", "zero2", LARS], ["lars_naive_zero2", "naive_zero2", LARS],
 ]
 # The attention key bias has an identically zero gradient (softmax ignores a shift shared by all
 # keys), so its trained value is float rounding noise (~1e-7) and a relative difference is noise.
@@ -110,6 +110,15 @@ def test_zero_bf16_follows_fp32_trajectory(runs, tag):
     got = torch.load(runs / f"{tag}.pt")
     assert global_rel(got["params"], ref) < 1e-2
     assert max_ratio_rel(got["ratios"], ref_ratios) < 1e-2
+
+
+def test_zero_checkpoint_resume_is_bitwise_identical(runs):
+    """Optimizer state (moments, step) saves and restores through ZeRO-2 checkpoints."""
+    straight = torch.load(runs / "lamb_zero2.pt")
+    resumed = torch.load(runs / "lamb_resume_zero2.pt")
+    assert resumed["losses"] == straight["losses"]
+    for name, p in straight["params"].items():
+        assert torch.equal(resumed["params"][name], p), name
 
 
 def test_zero3_is_refused_with_a_clear_error(runs):

@@ -4,7 +4,8 @@ every rank, in several modes one after another, and save rank 0's final weights 
 Launched as ``deepspeed --num_gpus 2 zero_equivalence.py --out DIR --runs JSON`` (or
 ``mpiexec -n 2 python ...``), JSON a list of ``[tag, mode, optimizer block]``. Modes: ``zero{0,1,2}`` fp32, ``bf16_zero{0,1,2}``,
 ``naive_zero2``/``naive_bf16_zero2`` (trust ratios per flat partition, as every LAMB used with
-ZeRO computes them without a layout: the regression this project fixes), ``zero3`` (refused).
+ZeRO computes them without a layout: the regression this project fixes), ``zero3`` (refused),
+``resume_zero2`` (3 steps, DeepSpeed checkpoint, a fresh engine loads it, 2 more steps).
 """
 from __future__ import annotations
 
@@ -67,7 +68,12 @@ def run(tag: str, mode: str, opt: dict, out: Path) -> None:
             return
     losses = []
     micro = GLOBAL_BATCH // world
-    for batch in batches():
+    for step, batch in enumerate(batches()):
+        if mode.startswith("resume") and step == STEPS // 2 + 1:
+            ckpt = out / f"{tag}.ckpt"
+            engine.save_checkpoint(str(ckpt), tag="mid")
+            engine, *_ = optim.initialize(model=make_model(), config=cfg)  # fresh weights, fresh state
+            engine.load_checkpoint(str(ckpt), tag="mid")
         part = {k: v[rank * micro:(rank + 1) * micro].to(engine.device) for k, v in batch.items()}
         loss = engine(**part).loss
         engine.backward(loss)

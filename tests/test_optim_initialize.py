@@ -1,0 +1,91 @@
+"""optim.initialize with DeepSpeed-style configs, in this process (world size 1)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+import optim
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_process_group():
+    import deepspeed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 1))
+
+
+def config(opt, **extra):
+    cfg = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "optimizer": opt, "steps_per_print": 10**9}
+    cfg.update(extra)
+    return cfg
+
+
+def train(engine, steps=3):
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        x, y = torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g)
+        loss = nn.functional.mse_loss(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_lamb_from_json_file_trains_with_schedule(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(config(
+        {"type": "Lamb", "params": {"lr": 0.01, "weight_decay": 0.01, "variant": "nvidia"}},
+        scheduler={"type": "WarmupPolyDecay", "params": {"total_num_steps": 10, "warmup_num_steps": 2}},
+        zero_optimization={"stage": 2})))
+    engine, opt, _, sched = optim.initialize(model=model(), config=str(path))
+    assert isinstance(engine.basic_optimizer, optim.Lamb)
+    assert engine.basic_optimizer.param_groups[1]["weight_decay"] == 0.0  # biases, LayerNorm
+    losses = train(engine, 6)
+    assert losses[-1] < losses[0]
+    assert engine.get_lr()[0] == pytest.approx(0.01 * (1 - 7 / 10) ** 0.5)
+    assert len(engine.basic_optimizer.trust_ratios()) == 6
+
+
+def test_unknown_optimizer_type_names_the_choices():
+    with pytest.raises(ValueError, match=r"'Lamb2' is unknown: registered here: .*Lamb.*DeepSpeed's own: .*adam"):
+        optim.initialize(model=model(), config=config({"type": "Lamb2", "params": {}}))
+
+
+def test_double_clipping_is_refused():
+    with pytest.raises(ValueError, match="gradient_clipping.*grad_pre_normalization"):
+        optim.initialize(model=model(), config=config(
+            {"type": "Lamb", "params": {"lr": 0.01, "variant": "nvidia"}}, gradient_clipping=1.0))
+
+
+def test_bad_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"optimizer": {"type": "Lamb",}')
+    with pytest.raises(ValueError, match=r"bad.json: invalid JSON at line 1"):
+        optim.initialize(model=model(), config=str(bad))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        optim.initialize(model=model(), config=str(tmp_path / "missing.json"))
+
+
+def test_deepspeed_own_optimizer_passes_through():
+    engine, *_ = optim.initialize(model=model(), config=config({"type": "SGD", "params": {"lr": 0.1}}))
+    assert isinstance(engine.basic_optimizer, torch.optim.SGD)  # ours (registered), same class
+    engine, *_ = optim.initialize(model=model(), config=config({"type": "Adagrad", "params": {"lr": 0.1}}))
+    assert type(engine.basic_optimizer).__name__ == "Adagrad"
