@@ -70,10 +70,16 @@ class _Appender:
     def add(self, name: str, arr) -> None:
         self.buf[name].append(np.asarray(arr, dtype=self.dtypes[name]))
 
+    def add_scalars(self, **values: int) -> None:
+        """One value per array; kept as Python ints until flush (an ndarray each would cost more)."""
+        for name, v in values.items():
+            self.buf[name].append(v)
+
     def flush(self) -> None:
         for k, parts in self.buf.items():
             if parts:
-                self.files[k].write(np.concatenate(parts).tobytes())
+                arr = np.asarray(parts, self.dtypes[k]) if not isinstance(parts[0], np.ndarray) else np.concatenate(parts)
+                self.files[k].write(arr.tobytes())
                 parts.clear()
 
     def commit(self, meta: dict) -> None:
@@ -125,6 +131,8 @@ def _tokenize_unit_inner(job: _TokJob) -> dict:
     if tok is None:
         tok = _W["tokenizer"] = vocab.tokenizer()
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    specials = list(vocab.special_ids)
+    sep_text, sep_id = "[SEP]", vocab.special_ids["[SEP]"]
     max_sent = max(cfg.seq_lens) - 3
     dtype = _token_dtype(vocab.size)
     stats = ReadStats()
@@ -132,53 +140,70 @@ def _tokenize_unit_inner(job: _TokJob) -> dict:
     out = _Appender(Path(job.out), {"tokens": dtype, "sent_off": np.int64, "doc_off": np.int64})
     out.add("sent_off", [0])
     out.add("doc_off", [0])
-    pending: list[str] = []  # sentences waiting for one batched encode call
-    pending_docs: list[int] = []  # sentence count per pending document
+    # One string per paragraph with its sentences joined by " [SEP] ": one encode call per paragraph
+    # instead of per sentence (~10% less tokenizer time), and the [SEP] ids mark the boundaries.
+    pending: list[str] = []
+    pending_doc: list[int] = []  # document number (within this batch) of each pending paragraph
+    pending_nsent: list[int] = []  # sentences joined in each pending paragraph
+    n_doc = 0  # documents read since the last encode call
     counts = {"sentences": 0, "tokens": 0, "empty_documents": 0, "split_sentences": 0, "chars": 0}
 
     def encode_pending() -> None:
-        if not pending:
-            return
-        encs = encode(pending, add_special_tokens=False)
-        ids = [e.ids for e in encs]
-        k = 0
-        for n in pending_docs:
-            lens = []
-            for sid in ids[k:k + n]:
-                if not sid:
-                    continue
-                for s in range(0, len(sid), max_sent):  # a sentence longer than any sample is cut
-                    lens.append(min(max_sent, len(sid) - s))
-                counts["split_sentences"] += (len(sid) - 1) // max_sent
-            flat = list(itertools.chain.from_iterable(x for x in ids[k:k + n] if x))
-            k += n
-            if not lens:
-                counts["empty_documents"] += 1
-                continue
-            out.add("tokens", np.array(flat, dtype=dtype))
-            out.add("sent_off", counts["tokens"] + np.cumsum(lens))
-            out.add("doc_off", [counts["sentences"] + len(lens)])
-            counts["sentences"] += len(lens)
-            counts["tokens"] += len(flat)
+        nonlocal n_doc
+        ids_lists = [e.ids for e in encode(pending, add_special_tokens=False)]
+        # every sentence now ends with exactly one [SEP]: the joins, plus one appended per paragraph
+        ids = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(
+            (x, (sep_id,)) for x in ids_lists)), np.int64)
+        is_sep = ids == sep_id
+        ends = np.flatnonzero(is_sep)
+        if len(ends) != sum(pending_nsent):
+            raise DataPrepError(f"{job.unit.label()}: the tokenizer does not keep [SEP] as one special token; "
+                                f"use a BERT WordPiece vocab")
+        lens = np.diff(np.concatenate([[-1], ends])) - 1
+        sent_doc = np.repeat(np.asarray(pending_doc, np.int64), pending_nsent)
+        keep = lens > 0  # a sentence that tokenized to nothing (control characters) is dropped
+        lens, sent_doc = lens[keep], sent_doc[keep]
+        if lens.size and lens.max() > max_sent:  # a sentence longer than any sample is cut in pieces
+            pieces = -(-lens // max_sent)
+            counts["split_sentences"] += int((pieces - 1).sum())
+            sent_doc = np.repeat(sent_doc, pieces)
+            lens = np.concatenate([[max_sent] * (k - 1) + [n - max_sent * (k - 1)] for n, k in zip(lens, pieces)])
+        per_doc = np.bincount(sent_doc, minlength=n_doc)
+        counts["empty_documents"] += int((per_doc == 0).sum())
+        tokens = ids[~is_sep]
+        out.add("tokens", tokens.astype(dtype))
+        out.add("sent_off", counts["tokens"] + np.cumsum(lens))
+        out.add("doc_off", counts["sentences"] + np.cumsum(per_doc[per_doc > 0]))
+        counts["sentences"] += len(lens)
+        counts["tokens"] += len(tokens)
         live = _W.get("live")
         if live is not None:
             with live.get_lock():
-                live[0] += len(pending_docs)
-                live[1] += sum(map(len, ids))
+                live[0] += n_doc
+                live[1] += len(tokens)
         pending.clear()
-        pending_docs.clear()
+        pending_doc.clear()
+        pending_nsent.clear()
+        n_doc = 0
         out.flush()
 
     for doc in iter_documents(job.unit, stats, min_doc_chars=cfg.min_doc_chars, max_doc_chars=cfg.max_doc_chars,
                               max_line_chars=cfg.max_line_chars, text_key=cfg.text_key):
-        n0 = len(pending)
         for para in doc:
             counts["chars"] += len(para)
-            pending.extend(s for s in blingfire.text_to_sentences(para).split("\n") if s.strip())
-        pending_docs.append(len(pending) - n0)
-        if len(pending) >= 8192:
+            if "[" in para:  # literal special tokens ("[SEP]" in an article about BERT) stay plain text
+                for t in specials:
+                    para = para.replace(t, t[0] + " " + t[1:])
+            sents = [x for x in blingfire.text_to_sentences(para).split("\n") if x.strip()]
+            if sents:
+                pending.append(f" {sep_text} ".join(sents))
+                pending_doc.append(n_doc)
+                pending_nsent.append(len(sents))
+        n_doc += 1
+        if len(pending) >= 2048:  # paragraphs per encode call: enough to amortise the call
             encode_pending()
-    encode_pending()
+    if n_doc:
+        encode_pending()
     problems = {k: getattr(stats, k) for k in ("invalid_utf8", "long_lines", "short_documents", "split_documents",
                                                 "bad_records")}
     problems["empty_documents"] = counts.pop("empty_documents")  # text that tokenized to nothing
@@ -289,10 +314,14 @@ def _pair_unit_inner(job: _PairJob) -> dict:
                 return load(u).doc(g - int(doc_cum[u]))
 
             for a, b, label in document_pairs(unit.doc(d).all(), rng, opt, random_doc):
-                sample = np.concatenate([[cls_], a, [sep], b, [sep]]).astype(dtype)
+                la, n = len(a), len(a) + len(b) + 3
+                sample = np.empty(n, dtype)
+                sample[0], sample[la + 1], sample[n - 1] = cls_, sep, sep
+                sample[1:la + 1] = a
+                sample[la + 2:n - 1] = b
                 if static:
                     sample, pos, lab = mask_sample(sample, rng, spec)
-                    out.add("mask_count", [len(pos)])
+                    out.add_scalars(mask_count=len(pos))
                     out.add("mask_pos", pos)
                     out.add("mask_label", lab)
                     counts["masked"] += len(pos)
@@ -301,10 +330,7 @@ def _pair_unit_inner(job: _PairJob) -> dict:
                     counts["masked"] += min(spec.max_predictions, max(1, int(round(n_cand * spec.mask_prob)))) \
                         if n_cand else 0
                 out.add("tokens", sample)
-                out.add("length", [len(sample)])
-                out.add("a_len", [len(a) + 2])
-                out.add("label", [label])
-                out.add("doc", [gdoc])
+                out.add_scalars(length=n, a_len=la + 2, label=label, doc=gdoc)
                 counts["samples"] += 1
                 counts["tokens"] += len(sample)
                 counts[f"label_{label}"] += 1
