@@ -288,8 +288,11 @@ def _pair_unit_inner(job: _PairJob) -> dict:
         load = _W["load"] = functools.lru_cache(maxsize=64)(lambda i: _TokUnit(tok_dirs[i], dtype))
     ids = vocab.special_ids
     cls_, sep = ids["[CLS]"], ids["[SEP]"]
-    spec = MaskSpec.from_tokens(vocab.tokens, ids["[MASK]"], ids.values(), mask_prob=cfg.mask_prob,
-                                max_predictions=job.max_predictions, whole_word=cfg.whole_word_mask)
+    spec = _W.get(("spec", job.max_predictions))
+    if spec is None:  # built once per worker: scanning a 30k vocab per unit adds up over thousands of files
+        spec = _W[("spec", job.max_predictions)] = MaskSpec.from_tokens(
+            vocab.tokens, ids["[MASK]"], ids.values(), mask_prob=cfg.mask_prob, max_predictions=job.max_predictions,
+            whole_word=cfg.whole_word_mask)
     static = cfg.masking == "static"
     opt = PairOptions(job.seq_len, cfg.pair_task, cfg.short_seq_prob)
     names = {"tokens": dtype, "length": np.uint16, "a_len": np.uint16, "label": np.uint8, "doc": np.int64}
