@@ -22,18 +22,33 @@ import numpy as np
 import torch
 
 from . import _native
-from ._layout import FlatLayout, reduce_segment_sums, whole_tensor_layout
+from ._layout import FlatLayout, whole_tensor_layout
 
 IMPLS = ("loop", "foreach", "fused")
 
 
 class Bucket:
-    """Tensors of one param group that share device and dtype, with their segment layouts."""
+    """Tensors of one param group that share device and dtype, with their segment layouts.
+
+    Buckets are cached across steps (same tensors, same layouts), so the index tensors and the
+    native work plan are built once.
+    """
 
     def __init__(self, params: list[torch.Tensor], layouts: list[FlatLayout]) -> None:
         self.params = params
         self.layouts = layouts
         self.seg_keys = [k for lay in layouts for k in lay.keys]
+        self.partitioned = any(lay.partitioned for lay in layouts)
+        self.process_group = next((lay.process_group for lay in layouts if lay.partitioned), None)
+        self._keys_t: dict[torch.device, torch.Tensor] = {}
+        self._plan: Optional[_native.BlockPlan] = None
+        self.scratch: Optional[list[torch.Tensor]] = None  # foreach LAMB's in-place u
+
+    def seg_keys_tensor(self, device: torch.device) -> torch.Tensor:
+        t = self._keys_t.get(device)
+        if t is None:
+            t = self._keys_t[device] = torch.tensor(self.seg_keys, dtype=torch.long, device=device)
+        return t
 
     def segment_views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Segment views of ``tensors`` (shaped like ``self.params``), in segment order."""
@@ -45,18 +60,16 @@ class Bucket:
                 out.extend(lay.views(t))
         return out
 
-    def block_plan(self, cache: dict) -> _native.BlockPlan:
-        sig = tuple((id(lay), p.numel()) for p, lay in zip(self.params, self.layouts))
-        plan = cache.get(sig)
-        if plan is None:
+    def block_plan(self) -> _native.BlockPlan:
+        """Work split for the C kernels; ``plan.key`` maps each block to its model tensor."""
+        if self._plan is None:
             seg_tensor = np.array([i for i, lay in enumerate(self.layouts) for _ in lay.keys], dtype=np.int64)
             seg_start = np.array([s for lay in self.layouts for s in lay.starts], dtype=np.int64)
             seg_len = np.array([n for lay in self.layouts for n in lay.lengths], dtype=np.int64)
             plan = _native.BlockPlan(seg_tensor, seg_start, seg_len)
-            if len(cache) > 64:
-                cache.clear()
-            cache[sig] = plan
-        return plan
+            plan.key = self.seg_keys_tensor(torch.device("cpu")).index_select(0, plan.seg)
+            self._plan = plan
+        return self._plan
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
@@ -84,7 +97,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._num_keys = len(self._names)
         self._global_grad_norm_fn: Optional[Callable[[], object]] = None
         self._last_trust: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._plans: dict = {}
+        self._bucket_cache: dict[int, tuple] = {}
         self._warned: set[str] = set()
 
     # -- wiring by optim.zero for DeepSpeed's flattening wrappers ------------------------------
@@ -97,7 +110,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._num_keys = len(names)
         self._group_keys = dict(group_keys)
         self._global_grad_norm_fn = global_grad_norm_fn
-        self._plans.clear()
+        self._bucket_cache.clear()
 
     def _layout_of(self, p: torch.Tensor) -> FlatLayout:
         layout = self._layouts.get(id(p))
@@ -117,8 +130,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """Per-tensor trust ratios (LARS: local learning rates) of the last step, by name."""
         out: dict[str, float] = {}
         for keys, ratios in self._last_trust.values():
-            for k, r in zip(keys.tolist(), ratios.tolist()):
-                out[self._names[k]] = r
+            values = ratios.tolist()
+            for k in keys:
+                out[self._names[k]] = values[k]
         return out
 
     # -- the step -------------------------------------------------------------------------
@@ -141,33 +155,41 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 warnings.warn(f"{type(self).__name__}: {msg}", RuntimeWarning, stacklevel=3)
 
     def _buckets(self, group: dict) -> list[Bucket]:
+        with_grad = [p for p in group["params"] if p.grad is not None]
+        sig = tuple((id(p), p.data_ptr()) for p in with_grad)
+        cached = self._bucket_cache.get(id(group))
+        if cached is not None and cached[0] == sig:
+            return cached[1]
         by_kind: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        for p in with_grad:
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             ps, lays = by_kind[(p.device, p.dtype)]
             ps.append(p)
             lays.append(self._layout_of(p))
-        return [Bucket(ps, lays) for ps, lays in by_kind.values()]
+        buckets = [Bucket(ps, lays) for ps, lays in by_kind.values()]
+        self._bucket_cache[id(group)] = (sig, buckets)
+        return buckets
 
-    def _reduce(self, group: dict, buckets: list[Bucket], seg_sums: list[torch.Tensor]) -> torch.Tensor:
-        """Per-model-tensor totals ``[k, num_keys]`` (float64) from the buckets' segment sums."""
-        device = seg_sums[0].device
-        sums = torch.cat([s.to(device) for s in seg_sums], dim=1)
-        keys = torch.tensor([k for b in buckets for k in b.seg_keys], dtype=torch.long, device=device)
-        layouts = [lay for b in buckets for lay in b.layouts]
-        partitioned = [lay for lay in layouts if lay.partitioned]
-        group_ = partitioned[0].process_group if partitioned else None
-        return reduce_segment_sums(sums, keys, self._num_keys, group_, bool(partitioned))
+    def _reduce(self, buckets: list[Bucket], sums_and_keys: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Per-model-tensor totals ``[k, num_keys]`` (float64) from per-segment or per-block
+        partial sums, added across the data-parallel group when the tensors are partitions."""
+        device = sums_and_keys[0][0].device
+        totals = torch.zeros(sums_and_keys[0][0].shape[0], self._num_keys, dtype=torch.float64, device=device)
+        for sums, keys in sums_and_keys:
+            totals.index_add_(1, keys.to(device), sums.to(device))
+        partitioned = [b for b in buckets if b.partitioned]
+        if partitioned:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=partitioned[0].process_group)
+        return totals
 
     def _remember(self, group: dict, ratios: torch.Tensor) -> None:
+        """Keep this step's ratios (no copy, no host sync) for :meth:`trust_ratios`."""
         keys = self._group_keys.get(id(group))
-        if keys is None:
-            return
-        idx = torch.tensor(keys, dtype=torch.long, device=ratios.device)
-        self._last_trust[id(group)] = (idx, ratios.index_select(0, idx))
+        if keys is not None:
+            self._last_trust[id(group)] = (keys, ratios)
 
     def _compiled_fn(self, name: str, fn):
         """``torch.compile`` of a foreach pass (Triton on GPUs); falls back to eager on failure."""

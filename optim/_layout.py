@@ -10,7 +10,7 @@ all ranks in one collective, and apply exact per-tensor trust ratios.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -52,28 +52,3 @@ class FlatLayout:
 
 def whole_tensor_layout(key: int, numel: int) -> FlatLayout:
     return FlatLayout(keys=[key], starts=[0], lengths=[numel])
-
-
-def reduce_segment_sums(
-    seg_sums: torch.Tensor,
-    seg_keys: torch.Tensor,
-    num_keys: int,
-    process_group: Optional[object],
-    partitioned: bool,
-) -> torch.Tensor:
-    """Add per-segment partial sums into per-tensor totals (``[..., num_keys]``), across ranks.
-
-    ``seg_sums`` has shape ``[k, num_segments]`` (k quantities at once, e.g. Σw² and Σu²), so a
-    whole step needs exactly one collective. No host synchronisation happens here.
-    """
-    totals = torch.zeros(seg_sums.shape[0], num_keys, dtype=seg_sums.dtype, device=seg_sums.device)
-    totals.index_add_(1, seg_keys, seg_sums)
-    if partitioned:
-        import torch.distributed as dist
-
-        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=process_group)
-    return totals
-
-
-def keys_tensor(layouts: Sequence[FlatLayout], device: torch.device) -> torch.Tensor:
-    return torch.tensor([k for lay in layouts for k in lay.keys], dtype=torch.long, device=device)

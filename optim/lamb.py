@@ -148,16 +148,19 @@ class Lamb(LayerwiseOptimizer):
             impl = self._choose_impl(ws + gs + ms + vs)
             gscale = None if grad_scale is None else grad_scale.to(ws[0].device, ws[0].dtype)
             if impl == "fused":
-                sums, extra = _pass1_native(b, ws, gs, ms, vs, hp, gscale, self._plans)
+                sums, extra = _pass1_native(b, ws, gs, ms, vs, hp, gscale)
             elif impl == "compiled":
-                sums, extra = self._compiled_fn("lamb1", _pass1_foreach)(b, ws, gs, ms, vs, hp, gscale)
+                # Step-dependent scalars as tensors, so the graph is compiled once, not per step.
+                hp_t = dict(hp, inv_bc1=torch.tensor(hp["inv_bc1"], device=ws[0].device),
+                            inv_bc2=torch.tensor(hp["inv_bc2"], device=ws[0].device))
+                sums, extra = self._compiled_fn("lamb1", _pass1_foreach)(b, ws, gs, ms, vs, hp_t, gscale)
             elif impl == "foreach":
                 sums, extra = _pass1_foreach(b, ws, gs, ms, vs, hp, gscale)
             else:
                 sums, extra = _pass1_loop(b, ws, gs, ms, vs, hp, gscale)
             runs.append((b, impl, ws, ms, vs, extra, sums))
 
-        totals = self._reduce(group, buckets, [r[-1] for r in runs])
+        totals = self._reduce(buckets, [r[-1] for r in runs])
         w_norm, u_norm = totals[0].sqrt(), totals[1].sqrt()
         ratio = w_norm / u_norm
         if group["min_coeff"] is not None or group["max_coeff"] is not None:
@@ -167,13 +170,12 @@ class Lamb(LayerwiseOptimizer):
             ratio = torch.ones_like(ratio)
         self._remember(group, ratio)
 
+        scaled = ratio * -step_size
         for b, impl, ws, ms, vs, extra, _ in runs:
-            seg_scale = -step_size * ratio.index_select(
-                0, torch.tensor(b.seg_keys, dtype=torch.long, device=ratio.device))
             if impl == "fused":
-                _pass2_native(b, ws, ms, vs, hp, seg_scale, self._plans)
+                _pass2_native(b, ws, ms, vs, hp, scaled)
             else:
-                scale = seg_scale.to(ws[0].device, ws[0].dtype)
+                scale = scaled.index_select(0, b.seg_keys_tensor(scaled.device)).to(ws[0].device, ws[0].dtype)
                 if impl == "loop":
                     _pass2_loop(b, ws, extra, scale)
                 elif impl == "compiled":
@@ -209,7 +211,8 @@ def _pass1_loop(b: Bucket, ws, gs, ms, vs, hp, gscale):
             w_seg = w.reshape(-1).narrow(0, s, n).to(torch.float64)
             u_seg = u.reshape(-1).narrow(0, s, n).to(torch.float64)
             sums.append(torch.stack([(w_seg * w_seg).sum(), (u_seg * u_seg).sum()]))
-    return torch.stack(sums, dim=1), us
+    sums = torch.stack(sums, dim=1)
+    return (sums, b.seg_keys_tensor(sums.device)), us
 
 
 def _pass2_loop(b: Bucket, ws, us, scale):
@@ -221,28 +224,37 @@ def _pass2_loop(b: Bucket, ws, us, scale):
 
 
 def _pass1_foreach(b: Bucket, ws, gs, ms, vs, hp, gscale):
-    """Multi-tensor: the same math as ``_pass1_loop`` with one kernel per op over all tensors."""
+    """Multi-tensor: the same math as ``_pass1_loop`` with one kernel per op over all tensors.
+
+    u is built in place in a scratch buffer kept on the bucket: a fresh model-sized temporary
+    every step costs page faults that double the step time on the CPU.
+    """
     if gscale is not None:
         gs = torch._foreach_mul(gs, gscale)
     torch._foreach_mul_(ms, hp["beta1"])
     torch._foreach_add_(ms, gs, alpha=1 - hp["beta1"])
     torch._foreach_mul_(vs, hp["beta2"])
     torch._foreach_addcmul_(vs, gs, gs, value=1 - hp["beta2"])
-    denom = torch._foreach_mul(vs, hp["inv_bc2"])
+    if b.scratch is None:
+        b.scratch = [torch.empty_like(w) for w in ws]
+    us = b.scratch
+    torch._foreach_copy_(us, vs)
+    torch._foreach_mul_(us, hp["inv_bc2"])
     if hp["eps_inside"]:
-        torch._foreach_add_(denom, hp["eps"])
-        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(us, hp["eps"])
+        torch._foreach_sqrt_(us)
     else:
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, hp["eps"])
-    us = torch._foreach_mul(ms, hp["inv_bc1"])
-    torch._foreach_div_(us, denom)
+        torch._foreach_sqrt_(us)
+        torch._foreach_add_(us, hp["eps"])
+    torch._foreach_reciprocal_(us)
+    torch._foreach_mul_(us, ms)
+    torch._foreach_mul_(us, hp["inv_bc1"])
     if hp["wd"] != 0:
         torch._foreach_add_(us, ws, alpha=hp["wd"])
     w_norms = torch._foreach_norm(b.segment_views(ws))
     u_norms = torch._foreach_norm(b.segment_views(us))
     sums = torch.stack([torch.stack(w_norms), torch.stack(u_norms)]).to(torch.float64).square()
-    return sums, us
+    return (sums, b.seg_keys_tensor(sums.device)), us
 
 
 def _pass2_foreach(b: Bucket, ws, us, scale):
@@ -259,30 +271,24 @@ def _native_hparams(hp, gscale) -> _native.LambHparams:
         eps_inside_sqrt=int(hp["eps_inside"]))
 
 
-def _pass1_native(b: Bucket, ws, gs, ms, vs, hp, gscale, plans):
+def _pass1_native(b: Bucket, ws, gs, ms, vs, hp, gscale):
     """C/OpenMP: moments updated and sums taken in one sweep; u is not stored (recomputed)."""
     import ctypes
 
-    plan = b.block_plan(plans)
-    lib = _native.library()
-    blk_w2 = torch.empty(plan.nblk, dtype=torch.float64)
-    blk_u2 = torch.empty(plan.nblk, dtype=torch.float64)
+    plan = b.block_plan()
+    sums = torch.empty(2, plan.nblk, dtype=torch.float64)
     ptrs = [_native.pointers(x) for x in (ws, gs, ms, vs)]
     h = _native_hparams(hp, gscale)
-    lib.lamb_pass1(*plan.args(), *(p.ctypes.data for p in ptrs), blk_w2.data_ptr(), blk_u2.data_ptr(),
-                   ctypes.byref(h), _native.num_threads())
-    nseg = len(b.seg_keys)
-    sums = torch.zeros(2, nseg, dtype=torch.float64)
-    sums[0].index_add_(0, plan.seg, blk_w2)
-    sums[1].index_add_(0, plan.seg, blk_u2)
-    return sums, h
+    _native.library().lamb_pass1(*plan.args(), *(p.ctypes.data for p in ptrs), sums[0].data_ptr(),
+                                 sums[1].data_ptr(), ctypes.byref(h), _native.num_threads())
+    return (sums, plan.key), h
 
 
-def _pass2_native(b: Bucket, ws, ms, vs, hp, seg_scale, plans):
+def _pass2_native(b: Bucket, ws, ms, vs, hp, scaled_ratio):
     import ctypes
 
-    plan = b.block_plan(plans)
-    blk_scale = seg_scale.to(torch.float32).index_select(0, plan.seg).contiguous()
+    plan = b.block_plan()
+    blk_scale = scaled_ratio.to(torch.float32).index_select(0, plan.key)
     h = _native_hparams(hp, None)
     ptrs = [_native.pointers(x) for x in (ws, ms, vs)]
     _native.library().lamb_pass2(*plan.args(), *(p.ctypes.data for p in ptrs), blk_scale.data_ptr(),

@@ -56,14 +56,14 @@ class Lars(LayerwiseOptimizer):
                 bufs.append(state["momentum_buffer"])
             impl = self._choose_impl(ws + gs + bufs)
             if impl == "fused":
-                sums = _sums_native(b, ws, gs, self._plans)
+                sums = _sums_native(b, ws, gs)
             elif impl == "loop":
                 sums = _sums_loop(b, ws, gs)
             else:
                 sums = _sums_foreach(b, ws, gs)
             runs.append((b, impl, ws, gs, bufs, sums))
 
-        totals = self._reduce(group, buckets, [r[-1] for r in runs])
+        totals = self._reduce(buckets, [r[-1] for r in runs])
         w_norm, g_norm = totals[0].sqrt(), totals[1].sqrt()
         rate = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
         rate = torch.where((w_norm > 0) & (g_norm > 0), rate, torch.ones_like(rate))
@@ -72,10 +72,11 @@ class Lars(LayerwiseOptimizer):
         self._remember(group, rate)
 
         for b, impl, ws, gs, bufs, _ in runs:
-            seg_rate = rate.index_select(0, torch.tensor(b.seg_keys, dtype=torch.long, device=rate.device))
             if impl == "fused":
-                _apply_native(b, ws, gs, bufs, seg_rate, mom, wd, lr, self._plans)
-            elif impl == "loop":
+                _apply_native(b, ws, gs, bufs, rate, mom, wd, lr)
+                continue
+            seg_rate = rate.index_select(0, b.seg_keys_tensor(rate.device))
+            if impl == "loop":
                 _apply_loop(b, ws, gs, bufs, seg_rate.to(ws[0].device, ws[0].dtype), mom, wd, lr)
             else:
                 fn = _apply_foreach if impl == "foreach" else self._compiled_fn("lars2", _apply_foreach)
@@ -89,7 +90,8 @@ def _sums_loop(b: Bucket, ws, gs):
             w_seg = w.reshape(-1).narrow(0, s, n).to(torch.float64)
             g_seg = g.reshape(-1).narrow(0, s, n).to(torch.float64)
             sums.append(torch.stack([(w_seg * w_seg).sum(), (g_seg * g_seg).sum()]))
-    return torch.stack(sums, dim=1)
+    sums = torch.stack(sums, dim=1)
+    return sums, b.seg_keys_tensor(sums.device)
 
 
 def _apply_loop(b: Bucket, ws, gs, bufs, rate, mom, wd, lr):
@@ -105,7 +107,8 @@ def _apply_loop(b: Bucket, ws, gs, bufs, rate, mom, wd, lr):
 def _sums_foreach(b: Bucket, ws, gs):
     w_norms = torch._foreach_norm(b.segment_views(ws))
     g_norms = torch._foreach_norm(b.segment_views(gs))
-    return torch.stack([torch.stack(w_norms), torch.stack(g_norms)]).to(torch.float64).square()
+    sums = torch.stack([torch.stack(w_norms), torch.stack(g_norms)]).to(torch.float64).square()
+    return sums, b.seg_keys_tensor(sums.device)
 
 
 def _apply_foreach(b: Bucket, ws, gs, bufs, rate, mom, wd, lr):
@@ -118,22 +121,18 @@ def _apply_foreach(b: Bucket, ws, gs, bufs, rate, mom, wd, lr):
     torch._foreach_add_(w_views, buf_views, alpha=-lr)
 
 
-def _sums_native(b: Bucket, ws, gs, plans):
-    plan = b.block_plan(plans)
-    blk_w2 = torch.empty(plan.nblk, dtype=torch.float64)
-    blk_g2 = torch.empty(plan.nblk, dtype=torch.float64)
+def _sums_native(b: Bucket, ws, gs):
+    plan = b.block_plan()
+    sums = torch.empty(2, plan.nblk, dtype=torch.float64)
     pw, pg = _native.pointers(ws), _native.pointers(gs)
-    _native.library().sumsq2(*plan.args(), pw.ctypes.data, pg.ctypes.data, blk_w2.data_ptr(),
-                             blk_g2.data_ptr(), 1.0, _native.num_threads())
-    sums = torch.zeros(2, len(b.seg_keys), dtype=torch.float64)
-    sums[0].index_add_(0, plan.seg, blk_w2)
-    sums[1].index_add_(0, plan.seg, blk_g2)
-    return sums
+    _native.library().sumsq2(*plan.args(), pw.ctypes.data, pg.ctypes.data, sums[0].data_ptr(),
+                             sums[1].data_ptr(), 1.0, _native.num_threads())
+    return sums, plan.key
 
 
-def _apply_native(b: Bucket, ws, gs, bufs, seg_rate, mom, wd, lr, plans):
-    plan = b.block_plan(plans)
-    blk_rate = seg_rate.to(torch.float32).index_select(0, plan.seg).contiguous()
+def _apply_native(b: Bucket, ws, gs, bufs, rate, mom, wd, lr):
+    plan = b.block_plan()
+    blk_rate = rate.to(torch.float32).index_select(0, plan.key)
     pw, pg, pb = (_native.pointers(x) for x in (ws, gs, bufs))
     _native.library().lars_pass2(*plan.args(), pw.ctypes.data, pg.ctypes.data, pb.ctypes.data,
                                  blk_rate.data_ptr(), mom, wd, lr, _native.num_threads())
