@@ -224,6 +224,7 @@ def _maybe_crash() -> None:
         if _W["done"] == int(n):
             if os.environ.get("DATA_PREP_CRASH_SIGNAL") == "INT":  # as Ctrl-C in the terminal would
                 os.kill(os.getppid(), signal.SIGINT)
+                time.sleep(60)  # hold still until the parent stops this worker, so the test is exact
                 return
             os.kill(os.getppid(), signal.SIGKILL)
             os._exit(137)
@@ -431,23 +432,28 @@ def _write_shards(seq_dir: Path, pair_dirs: list[Path], cfg: BuildConfig, dtype,
         group, group_tokens = [], 0
 
     block_start: dict[Path, tuple[int, int]] = {}  # (token, mask) offset where a unit's next block starts
-    for d in pair_dirs:
-        n = int((d / "length.bin").stat().st_size // 2)
-        block_start[d] = (0, 0)
-        for lo in range(0, n, _MERGE_BLOCK_SAMPLES):
-            hi = min(n, lo + _MERGE_BLOCK_SAMPLES)
-            group.append((base, d, lo, hi))
-            group_tokens += (hi - lo) * job_seq_len
-            if group_tokens >= _MERGE_GROUP_TOKENS:
-                flush()
-        base += n
-        progress.update(1)
-    flush()
-    shards = []
-    for k, w in enumerate(writers):
-        digest = w.close()
-        shards.append({"path": w.path.name, "num_samples": int(n_samples[k]), "num_tokens": int(n_tokens[k]),
-                       "sha256": digest})
+    try:
+        for d in pair_dirs:
+            n = int((d / "length.bin").stat().st_size // 2)
+            block_start[d] = (0, 0)
+            for lo in range(0, n, _MERGE_BLOCK_SAMPLES):
+                hi = min(n, lo + _MERGE_BLOCK_SAMPLES)
+                group.append((base, d, lo, hi))
+                group_tokens += (hi - lo) * job_seq_len
+                if group_tokens >= _MERGE_GROUP_TOKENS:
+                    flush()
+            base += n
+            progress.update(1)
+        flush()
+        shards = []
+        for k, w in enumerate(writers):
+            digest = w.close()
+            shards.append({"path": w.path.name, "num_samples": int(n_samples[k]), "num_tokens": int(n_tokens[k]),
+                           "sha256": digest})
+    except BaseException:  # Ctrl-C or an error: no half-written shard stays behind
+        for w in writers:
+            w.tmp.unlink(missing_ok=True)
+        raise
     return shards
 
 
