@@ -80,12 +80,14 @@ def sniff(path: str, fmt: str) -> tuple[str | None, str | None]:
         if os.path.getsize(path) == 0:
             return None, "empty file"
         head = _head(path)
+    except (EOFError, lzma.LZMAError) as e:  # a truncated or corrupt compressed stream
+        return None, f"unreadable compressed file ({e})"
     except OSError as e:
         return None, f"unreadable ({e.strerror or e})"
-    except (EOFError, lzma.LZMAError, OSError) as e:  # broken compressed stream
-        return None, f"unreadable compressed file ({e})"
     if not head.strip():
         return None, "empty file (only white space)"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return None, "UTF-16 text (convert it to UTF-8, e.g. iconv -f UTF-16 -t UTF-8)"
     if b"\x00" in head[:8192]:
         return None, "binary file (NUL bytes in the first 8 KiB)"
     if fmt != "auto":

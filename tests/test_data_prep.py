@@ -390,10 +390,17 @@ def test_bad_inputs_are_counted_and_named(tmp_path, corpus, vocab):
     raw = "\n\n".join(" ".join(d) for d in good).encode()
     (bad / "latin1.txt").write_bytes(raw.replace(b"Item", b"It\xe9m\xff", 5))
     (bad / "long.txt").write_text(" ".join(good[0]) * 2000 + "\n")  # one ~1.2 MB line
+    (bad / "wide.txt").write_text("Some words in UTF-16.\n", encoding="utf-16")
+    import gzip
+
+    with gzip.open(bad / "packed.txt.gz", "wt") as f:  # compressed input is read, not called binary
+        f.write(" ".join(good[1]) + "\n")
     out = run_build(tmp_path, [bad], vocab, seq_lens=(64,), max_line_chars=100_000)
     m = json.loads((out / "seq64" / "manifest.json").read_text())
     reasons = {Path(s["path"]).name: s["reason"] for s in m["skipped"]}
     assert reasons["empty.txt"] == "empty file" and reasons["binary.dat"].startswith("binary file")
+    assert reasons["wide.txt"].startswith("UTF-16 text") and len(reasons) == 3
+    assert {Path(i["path"]).name: i["documents"] for i in m["inputs"]}["packed.txt.gz"] == 1
     assert m["problems"]["invalid_utf8"] == 10  # 5 x (\xe9 and \xff): each invalid sequence counted once
     assert m["problems"]["long_lines"] == 1
     assert any("long.txt:1: line longer than 100000" in w for w in m["warnings"])
