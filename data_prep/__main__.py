@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from .readers import FORMATS, DataPrepError
@@ -178,15 +179,20 @@ def _embedded(a) -> int:
     return 0
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # a scheduler's SIGTERM stops the build like Ctrl-C: cleanly, resumable
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         return {"vocab": _vocab, "build": _build, "inspect": _inspect, "embedded-corpus": _embedded}[a.cmd](a)
     except DataPrepError as e:
         print(f"data_prep: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("data_prep: stopped by Ctrl-C", file=sys.stderr)
+        print("data_prep: stopped (Ctrl-C or SIGTERM)", file=sys.stderr)
         return 130
 
 

@@ -58,7 +58,7 @@ class PretrainingDataset(Dataset):
         self._counts = np.array([all_shards[k]["num_samples"] for k in chosen], np.int64)
         self._starts = np.concatenate([[0], np.cumsum(self._counts)])
         self._shards: list = [None] * len(self._counts)
-        vocab_file = (self.path / m["vocab"]["path"] / "vocab.txt").resolve()
+        vocab_file = self.vocab_dir / "vocab.txt"
         tokens = vocab_file.read_text(encoding="utf-8").splitlines() if vocab_file.is_file() else None
         ids = m["vocab"]["special_ids"]
         self.vocab_size: int = m["vocab"]["size"]
@@ -72,6 +72,11 @@ class PretrainingDataset(Dataset):
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    @property
+    def vocab_dir(self) -> Path:
+        """The vocab copied next to the data (vocab.txt + tokenizer files, for export)."""
+        return (self.path / self.manifest["vocab"]["path"]).resolve()
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose dynamic masks items get (no effect with static masks)."""
