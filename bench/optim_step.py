@@ -107,7 +107,7 @@ def zero_layout_optimizers(shapes, lr):
     exact = optim.Lamb([flat], lr=lr, impl="fused")
     layout = FlatLayout(keys=keys, starts=starts, lengths=lengths, process_group=None, partitioned=True)
     exact.attach_layouts({id(flat): layout}, [f"t{k}" for k in range(len(sizes))],
-                         {id(exact.param_groups[0]): keys})
+                         {id(flat): keys})
     naive = optim.Lamb([flat], lr=lr, impl="fused")
     return {"LAMB fused, ZeRO flat partition, exact": exact,
             "LAMB fused, ZeRO flat partition, per-partition": naive}, part

@@ -93,7 +93,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 self._names.append(names[i] if names else f"param{key}")
                 self._layouts[id(p)] = whole_tensor_layout(key, p.numel())
                 keys.append(key)
-            self._group_keys[id(group)] = keys
+            if group["params"]:
+                self._group_keys[id(group["params"][0])] = keys
         self._num_keys = len(self._names)
         self._global_grad_norm_fn: Optional[Callable[[], object]] = None
         self._last_trust: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -104,7 +105,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def attach_layouts(self, layouts: dict[int, FlatLayout], names: list[str],
                        group_keys: dict[int, list[int]],
                        global_grad_norm_fn: Optional[Callable[[], object]] = None) -> None:
-        """Replace the per-tensor layouts by flat ones (``layouts`` keyed by ``id(flat)``)."""
+        """Replace the per-tensor layouts by flat ones (``layouts`` and ``group_keys``, the model
+        tensors of each group on all ranks, keyed by ``id(flat)``)."""
         self._layouts = dict(layouts)
         self._names = list(names)
         self._num_keys = len(names)
@@ -187,9 +189,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _remember(self, group: dict, ratios: torch.Tensor) -> None:
         """Keep this step's ratios (no copy, no host sync) for :meth:`trust_ratios`."""
-        keys = self._group_keys.get(id(group))
+        # Keyed by the group's first tensor: load_state_dict replaces the group dicts.
+        first = id(group["params"][0])
+        keys = self._group_keys.get(first)
         if keys is not None:
-            self._last_trust[id(group)] = (keys, ratios)
+            self._last_trust[first] = (keys, ratios)
 
     def _compiled_fn(self, name: str, fn):
         """``torch.compile`` of a foreach pass (Triton on GPUs); falls back to eager on failure."""

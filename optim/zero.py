@@ -99,7 +99,7 @@ def attach(engine) -> bool:
         layouts[id(flat)] = FlatLayout(
             keys=[s[0] for s in segs], starts=[s[1] for s in segs], lengths=[s[2] for s in segs],
             process_group=_dp_group(wrapper, i) if partitioned else None, partitioned=partitioned)
-        keys_by_group[id(basic.param_groups[i])] = group_keys[i] or [s[0] for s in segs]
+        keys_by_group[id(flat)] = group_keys[i] or [s[0] for s in segs]
     basic.attach_layouts(layouts, names, keys_by_group, global_grad_norm_fn=lambda: _global_norm(wrapper))
     return True
 

@@ -1,0 +1,1 @@
+"""Two-phase BERT pretraining on DeepSpeed (``pretrain/run.py``), checkpoints and HF export."""

@@ -1,0 +1,5 @@
+import sys
+
+from pretrain.run import cli
+
+sys.exit(cli())

@@ -1,0 +1,185 @@
+"""The run's configuration: one DeepSpeed JSON holding DeepSpeed's keys plus a ``"pretrain"`` block.
+
+``load(path, overrides)`` returns the DeepSpeed part (what ``deepspeed.initialize`` sees) and a
+typed :class:`PretrainConfig`. CLI flags override the documented keys; the merged result is
+written to ``OUTPUT/config.effective.json`` so every run records exactly what it ran with.
+
+The LR schedule lives in the DeepSpeed ``scheduler`` block; its ``total_num_steps`` is filled
+from ``pretrain.max_steps`` (one number, one place). Batch arithmetic (micro batch ×
+accumulation × world size = global batch) is checked here, before any process group work.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+KNOWN_PHASE_STATE = ("keep", "reset")
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the file and the key."""
+
+
+@dataclass
+class PretrainConfig:
+    """The ``"pretrain"`` block. Paths are relative to the working directory."""
+
+    data: Optional[str] = None            # a data_prep output for this seq len, e.g. data/seq128
+    output: str = "runs/pretrain"         # checkpoints, metrics.jsonl, TensorBoard, effective config
+    model: str = "bert-tiny"              # preset (bert-tiny, mini, small, medium, base, large) or config.json
+    phase: int = 1                        # 1: seq 128, 2: seq 512 (informational; seq_len decides)
+    seq_len: int = 128                    # must equal the data's seq_len
+    max_predictions: int = 20             # must equal the data's max_predictions_per_seq
+    max_steps: int = 1000                 # optimizer steps of this phase
+    seed: int = 42
+    init_checkpoint: Optional[str] = None  # phase 2: phase 1's output dir or a checkpoint/export dir
+    init_optimizer_state: str = "keep"     # phase 2: "keep" LAMB moments (NVIDIA's recipe) or "reset"
+    log_every: int = 10                   # steps between progress lines / metrics.jsonl records
+    eval_every: int = 0                   # steps between held-out MLM evaluations (0: only at the end)
+    eval_samples: int = 512               # held-out samples per evaluation
+    validation_shards: int = 1            # last N shards of the data are held out (0: none)
+    checkpoint_every: int = 0             # steps between checkpoints (0: only at the end / on signal)
+    keep_checkpoints: int = 3             # most recent checkpoints kept
+    export_on_save: bool = False          # also write a Hugging Face export next to each checkpoint
+    num_workers: int = 1                  # DataLoader workers per rank
+    trust_ratio_histogram_every: int = 100  # steps between TensorBoard trust-ratio histograms (0: off)
+    tensorboard: bool = True
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def validate(self, source: str) -> None:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{source}: pretrain.{key} {why}")
+
+        for key in ("seq_len", "max_predictions", "max_steps", "log_every", "keep_checkpoints"):
+            if int(getattr(self, key)) <= 0:
+                raise bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
+        for key in ("eval_every", "checkpoint_every", "validation_shards", "num_workers", "eval_samples",
+                    "trust_ratio_histogram_every"):
+            if int(getattr(self, key)) < 0:
+                raise bad(key, f"must be >= 0, got {getattr(self, key)!r}")
+        if self.init_optimizer_state not in KNOWN_PHASE_STATE:
+            raise bad("init_optimizer_state", f"must be one of {KNOWN_PHASE_STATE}, got {self.init_optimizer_state!r}")
+        if self.max_predictions > self.seq_len:
+            raise bad("max_predictions", f"({self.max_predictions}) exceeds seq_len ({self.seq_len})")
+        if not self.data:
+            raise bad("data", "is not set (give --data DIR, a data_prep output such as OUT/seq128)")
+
+
+# CLI flag -> (where it goes). "pretrain.x" is our block, anything else a top-level DeepSpeed key.
+OVERRIDES = {
+    "data": "pretrain.data", "output": "pretrain.output", "model": "pretrain.model",
+    "max_steps": "pretrain.max_steps", "seed": "pretrain.seed", "init_checkpoint": "pretrain.init_checkpoint",
+    "train_batch_size": "train_batch_size", "micro_batch_size": "train_micro_batch_size_per_gpu",
+}
+
+
+def read_json(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"config {path}: {exc.strerror}") from None
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config {path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config {path}: the top level must be an object")
+    return cfg
+
+
+def apply_set(raw: dict, assignments: list[str], source: str) -> None:
+    """``--set a.b.c=VALUE`` (VALUE parsed as JSON, else taken as a string) into the config dict."""
+    for item in assignments or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. pretrain.log_every=1")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} in {source} is not an object")
+        node[parts[-1]] = value
+
+
+def load(path: str | Path, overrides: Optional[dict[str, Any]] = None,
+         assignments: Optional[list[str]] = None) -> tuple[dict, PretrainConfig]:
+    """(DeepSpeed config without our block, typed pretrain config), CLI overrides applied:
+    first ``--set KEY=VALUE`` assignments, then the named flags."""
+    raw = read_json(path)
+    apply_set(raw, assignments or [], str(path))
+    ds = copy.deepcopy(raw)
+    block = ds.pop("pretrain", {})
+    ds = {k: v for k, v in ds.items() if not k.startswith("_comment")}
+    if not isinstance(block, dict):
+        raise ConfigError(f"config {path}: 'pretrain' must be an object")
+    known = {f.name for f in fields(PretrainConfig)} - {"extra"}
+    unknown = sorted(set(block) - known - {"_comment"})
+    if unknown:
+        raise ConfigError(f"config {path}: unknown pretrain key(s) {unknown}; known: {sorted(known)}")
+    block = {k: v for k, v in block.items() if k in known}
+    for flag, value in (overrides or {}).items():
+        if value is None:
+            continue
+        target = OVERRIDES[flag]
+        if target.startswith("pretrain."):
+            block[target.split(".", 1)[1]] = value
+        else:
+            ds[target] = value
+            if flag in ("train_batch_size", "micro_batch_size"):
+                ds.pop("gradient_accumulation_steps", None)  # re-derived from the other two
+    cfg = PretrainConfig(**block)
+    cfg.validate(str(path))
+    sched = ds.get("scheduler")
+    if isinstance(sched, dict):
+        params = sched.setdefault("params", {})
+        if "total_num_steps" in params and int(params["total_num_steps"]) != cfg.max_steps:
+            raise ConfigError(f"config {path}: scheduler.params.total_num_steps ({params['total_num_steps']}) "
+                              f"differs from pretrain.max_steps ({cfg.max_steps}); remove it, it is filled in")
+        params["total_num_steps"] = cfg.max_steps
+    return ds, cfg
+
+
+def resolve_batch(ds: dict, world_size: int, source: str) -> tuple[int, int, int]:
+    """(global batch, micro batch, accumulation steps), checked: micro × accum × world = global.
+
+    Any one of the three may be omitted and is derived; DeepSpeed receives all three.
+    """
+    glob = ds.get("train_batch_size")
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    accum = ds.get("gradient_accumulation_steps")
+    if glob is None and (micro is None or accum is None):
+        raise ConfigError(f"{source}: set train_batch_size, or both train_micro_batch_size_per_gpu and "
+                          "gradient_accumulation_steps")
+    if glob is not None and micro is None:
+        accum = accum or 1
+        if glob % (accum * world_size):
+            raise ConfigError(f"{source}: train_batch_size {glob} is not divisible by gradient_accumulation_steps "
+                              f"{accum} x world size {world_size}")
+        micro = glob // (accum * world_size)
+    elif glob is not None and accum is None:
+        if glob % (micro * world_size):
+            raise ConfigError(f"{source}: train_batch_size {glob} is not a multiple of train_micro_batch_size_per_gpu "
+                              f"{micro} x world size {world_size} = {micro * world_size}")
+        accum = glob // (micro * world_size)
+    elif glob is None:
+        glob = micro * accum * world_size
+    if micro * accum * world_size != glob:
+        raise ConfigError(f"{source}: train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps {accum} "
+                          f"x world size {world_size} = {micro * accum * world_size}, not train_batch_size {glob}")
+    ds.update(train_batch_size=glob, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
+    return glob, micro, accum
+
+
+def effective(ds: dict, cfg: PretrainConfig) -> dict:
+    out = copy.deepcopy(ds)
+    out["pretrain"] = {k: v for k, v in asdict(cfg).items() if k != "extra"}
+    return out

@@ -1,0 +1,119 @@
+"""BERT for pretraining with an MLM head that only computes logits at masked positions.
+
+The modules are ``transformers.BertForPreTraining``'s own, so parameter names (and the tied
+decoder/word-embedding weight) are identical and a checkpoint exports with ``save_pretrained``
+and no key surgery. Only ``forward`` differs: the hidden states of the (at most
+``max_predictions``) masked positions are gathered *before* the transform and the vocab
+projection, which at seq 128 with 20 predictions skips ~84% of the largest matmul.
+Attention is PyTorch's scaled_dot_product_attention (``attn_implementation="sdpa"``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForPreTraining
+
+# name -> (layers, hidden, heads); intermediate = 4 x hidden. Sizes of Turc et al. 2019
+# ("Well-Read Students Learn Better", the google-research/bert miniatures) and the BERT paper.
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "bert-tiny": (2, 128, 2),
+    "mini": (4, 256, 4),
+    "small": (4, 512, 8),
+    "medium": (8, 512, 8),
+    "base": (12, 768, 12),
+    "large": (24, 1024, 16),
+}
+
+
+def bert_config(model: str, vocab_size: int, max_position_embeddings: int = 512) -> BertConfig:
+    """A ``BertConfig`` from a preset name or a ``config.json`` path, with the data's vocab size.
+
+    512 position embeddings exist from phase 1 on, so phase 2 (seq 512) loads phase 1 as is.
+    """
+    if model in PRESETS:
+        layers, hidden, heads = PRESETS[model]
+        cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, intermediate_size=4 * hidden,
+                         max_position_embeddings=max_position_embeddings)
+    else:
+        path = Path(model)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file")
+        try:
+            cfg = BertConfig.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a BERT config.json ({exc})") from None
+        if cfg.vocab_size != vocab_size:
+            raise ValueError(f"{path}: vocab_size {cfg.vocab_size} but the data's vocab has {vocab_size} tokens")
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+@dataclass
+class PretrainingOutput:
+    loss: torch.Tensor
+    mlm_loss: torch.Tensor
+    nsp_loss: torch.Tensor
+    mlm_correct: torch.Tensor  # counts, so accuracies can be summed over ranks and steps
+    mlm_count: torch.Tensor
+    nsp_correct: torch.Tensor
+    nsp_count: torch.Tensor
+
+
+class BertPretrainingModel(BertForPreTraining):
+    """``BertForPreTraining`` whose forward takes the data_prep batch layout.
+
+    ``masked_lm_positions`` (B, P) index the masked tokens, ``masked_lm_labels`` (B, P) hold
+    their original ids with -1 for padding slots. Loss = mean MLM cross-entropy over real
+    slots + mean NSP/SOP cross-entropy, as in the BERT recipe.
+    """
+
+    def forward(self, input_ids, token_type_ids, attention_mask, masked_lm_positions, masked_lm_labels,
+                next_sentence_label, full_vocab_projection: bool = False, **_) -> PretrainingOutput:
+        seq, pooled = self.bert(input_ids=input_ids, token_type_ids=token_type_ids,
+                                attention_mask=attention_mask, return_dict=False)[:2]
+        if full_vocab_projection:  # the naive head, kept for the benchmark's comparison
+            logits = self.cls.predictions(seq)
+            logits = torch.gather(logits, 1, masked_lm_positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
+        else:
+            hidden = torch.gather(seq, 1, masked_lm_positions.unsqueeze(-1).expand(-1, -1, seq.size(-1)))
+            logits = self.cls.predictions(hidden)
+        labels = masked_lm_labels.masked_fill(masked_lm_labels < 0, -100)
+        mlm_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
+        nsp_logits = self.cls.seq_relationship(pooled)
+        nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.reshape(-1))
+        with torch.no_grad():
+            real = labels != -100
+            mlm_correct = ((logits.argmax(-1) == labels) & real).sum()
+            nsp_correct = (nsp_logits.argmax(-1) == next_sentence_label.reshape(-1)).sum()
+        return PretrainingOutput(loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss.detach(), nsp_loss=nsp_loss.detach(),
+                                 mlm_correct=mlm_correct, mlm_count=real.sum(), nsp_correct=nsp_correct,
+                                 nsp_count=torch.tensor(nsp_logits.size(0), device=nsp_logits.device))
+
+
+def build_model(model: str, vocab_size: int, seed: int) -> BertPretrainingModel:
+    torch.manual_seed(seed)
+    return BertPretrainingModel(bert_config(model, vocab_size))
+
+
+def load_weights(model: BertPretrainingModel, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load a full state dict; the tied decoder weight may be absent (it is the embedding)."""
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if k not in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")]
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["PRESETS", "BertPretrainingModel", "PretrainingOutput", "bert_config", "build_model",
+           "load_weights", "count_parameters"]

@@ -1,0 +1,150 @@
+"""End to end on the CPU with 2 processes (gloo, ZeRO-2, bf16), with the shipped cpu configs:
+
+data_prep on a small corpus -> phase 1 straight (launched with ``mpiexec -n 2``, ranks found by
+mpi4py) and phase 1 stopped after 3 steps then resumed (``deepspeed --num_gpus 2``): the same
+losses and bitwise the same weights -> phase 2 from phase 1 -> export -> ``from_pretrained``
+reproduces the MLM loss of the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "pretrain" / "run.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def run(cmd: list[str], cwd: Path, expect: int = 0) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == expect, out[-5000:]
+    return out
+
+
+def deepspeed(cwd: Path, *args: str, expect: int = 0) -> str:
+    return run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                str(free_port()), str(RUN), *args], cwd, expect)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def weights(run_dir: Path, step: int) -> dict:
+    from pretrain.checkpoint import fp32_state_dict, tag_for
+
+    return fp32_state_dict(run_dir / "checkpoints", tag_for(step))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e")
+    py = [sys.executable, "-m", "data_prep"]
+    run(py + ["embedded-corpus", "corpus"], d)
+    run(py + ["vocab", "--input", "corpus", "--output", "vocab", "--vocab-size", "2000"], d)
+    run(py + ["build", "--input", "corpus", "--vocab", "vocab", "--output", "data", "--seq-lens", "128,512",
+              "--shards", "4", "--no-progress"], d)
+    return d
+
+
+PHASE1 = ["--config", str(ROOT / "ds_configs/cpu_seq128.json"), "--data", "data/seq128", "--max-steps", "6",
+          "--train-batch-size", "16", "--micro-batch-size", "4", "--set", "pretrain.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def phase1(work):
+    mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not found (pip install mpich)")
+    straight = run([mpiexec, "-n", "2", sys.executable, str(RUN), *PHASE1, "--output", "straight"], work)
+    assert "world 2" in straight
+    first = deepspeed(work, *PHASE1, "--output", "resumed", "--stop-after", "3")
+    assert "stopped at step 3 on request" in first
+    second = deepspeed(work, *PHASE1, "--output", "resumed", "--resume")
+    assert "resumed from step0000003" in second
+    return work
+
+
+def test_resume_repeats_the_uninterrupted_run_bitwise(phase1):
+    a, b = losses(phase1 / "straight"), losses(phase1 / "resumed")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert a == b  # exact floats: same data order, masks, dropout and optimizer state
+    wa, wb = weights(phase1 / "straight", 6), weights(phase1 / "resumed", 6)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def test_effective_config_and_metrics_are_written(phase1):
+    eff = json.loads((phase1 / "straight" / "config.effective.json").read_text())
+    assert eff["pretrain"]["max_steps"] == 6
+    assert eff["train_batch_size"] == 16 and eff["gradient_accumulation_steps"] == 2
+    assert eff["scheduler"]["params"]["total_num_steps"] == 6
+    rec = [json.loads(x) for x in (phase1 / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "samples_per_s", "trust_min", "trust_median"} <= set(rec[0])
+    assert any("eval_mlm_loss" in r for r in rec)
+    assert (phase1 / "straight" / "tensorboard").is_dir()
+
+
+def test_phase2_then_export_reproduces_mlm_loss(phase1):
+    from transformers import AutoModelForPreTraining, AutoModelForQuestionAnswering
+
+    from data_prep import PretrainingDataset
+    from pretrain.model import BertPretrainingModel, load_weights
+
+    out = deepspeed(phase1, "--config", str(ROOT / "ds_configs/cpu_seq512.json"), "--data", "data/seq512",
+                    "--init-checkpoint", "straight", "--output", "phase2", "--max-steps", "2",
+                    "--train-batch-size", "8", "--micro-batch-size", "2")
+    assert "initialised from straight (deepspeed)" in out
+    run([sys.executable, "-m", "pretrain.export", "phase2", "hf"], phase1)
+    hf_dir = phase1 / "hf"
+    assert (hf_dir / "model.safetensors").is_file() and (hf_dir / "vocab.txt").is_file()
+
+    ds = PretrainingDataset(phase1 / "data/seq512", max_predictions=80)
+    items = [ds[i] for i in range(4)]
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    ours = BertPretrainingModel.from_pretrained(hf_dir).eval()  # same classes, same names
+    reference = BertPretrainingModel(ours.config).eval()
+    load_weights(reference, weights(phase1 / "phase2", 2), "phase2")
+    with torch.no_grad():
+        want = reference(**batch).mlm_loss
+        got = ours(**batch).mlm_loss
+        hf = AutoModelForPreTraining.from_pretrained(hf_dir).eval()
+        labels = torch.full(batch["input_ids"].shape, -100)
+        for b in range(4):
+            for pos, lab in zip(batch["masked_lm_positions"][b], batch["masked_lm_labels"][b]):
+                if lab >= 0:
+                    labels[b, pos] = lab
+        logits = hf(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                    attention_mask=batch["attention_mask"]).prediction_logits
+        hf_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hf_loss, want, rtol=1e-4, atol=1e-4)
+    AutoModelForQuestionAnswering.from_pretrained(hf_dir)  # loads as an encoder for SQuAD
+
+
+def test_bad_data_dir_fails_before_launching_ranks(work):
+    out = run([sys.executable, str(RUN), *PHASE1[:2], "--data", "data", "--output", "x"], work, expect=2)
+    assert "not a data_prep seq-len directory" in out and "seq128" in out
+    out = run([sys.executable, str(RUN), *PHASE1[:2], "--data", "data/seq512", "--output", "x"], work, expect=2)
+    assert "pretrain.seq_len is 128 but data/seq512 holds seq_len 512" in out

@@ -1,0 +1,123 @@
+"""pretrain: config loading and its errors, batch arithmetic, the masked-position MLM head."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pretrain import config as config_mod
+from pretrain.model import PRESETS, BertPretrainingModel, bert_config
+
+
+def write(tmp_path, cfg: dict, name="cfg.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+BASE = {"train_batch_size": 64, "optimizer": {"type": "Lamb", "params": {"lr": 1e-3}},
+        "scheduler": {"type": "WarmupPolyDecay", "params": {"warmup_proportion": 0.1}},
+        "pretrain": {"data": "somewhere/seq128", "max_steps": 77}}
+
+
+def test_config_splits_blocks_and_fills_schedule(tmp_path):
+    ds, cfg = config_mod.load(write(tmp_path, dict(BASE, _comment="why")), {"max_steps": 50, "micro_batch_size": 8})
+    assert "pretrain" not in ds and "_comment" not in ds
+    assert cfg.max_steps == 50 and ds["scheduler"]["params"]["total_num_steps"] == 50
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    eff = config_mod.effective(ds, cfg)
+    assert eff["pretrain"]["max_steps"] == 50 and eff["train_batch_size"] == 64
+
+
+def test_set_assignments(tmp_path):
+    ds, cfg = config_mod.load(write(tmp_path, BASE), None, ["pretrain.log_every=1", "zero_optimization.stage=1",
+                                                           "pretrain.model=mini"])
+    assert cfg.log_every == 1 and cfg.model == "mini" and ds["zero_optimization"] == {"stage": 1}
+    with pytest.raises(config_mod.ConfigError, match="expected KEY=VALUE"):
+        config_mod.load(write(tmp_path, BASE), None, ["pretrain.log_every"])
+
+
+@pytest.mark.parametrize("mutate,msg", [
+    (lambda c: c["pretrain"].update(warmup=3), r"unknown pretrain key\(s\) \['warmup'\]"),
+    (lambda c: c["pretrain"].update(max_steps=0), "pretrain.max_steps must be a positive integer"),
+    (lambda c: c["pretrain"].pop("data"), "pretrain.data is not set"),
+    (lambda c: c["pretrain"].update(init_optimizer_state="maybe"), "init_optimizer_state must be one of"),
+    (lambda c: c["scheduler"]["params"].update(total_num_steps=10), "total_num_steps \\(10\\) differs from pretrain.max_steps"),
+])
+def test_config_errors_name_the_key(tmp_path, mutate, msg):
+    cfg = json.loads(json.dumps(BASE))
+    mutate(cfg)
+    with pytest.raises(config_mod.ConfigError, match=msg):
+        config_mod.load(write(tmp_path, cfg))
+
+
+def test_invalid_json_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{\n "train_batch_size": 8,\n}')
+    with pytest.raises(config_mod.ConfigError, match=r"broken.json: invalid JSON at line 3"):
+        config_mod.load(path)
+
+
+@pytest.mark.parametrize("ds,world,want", [
+    ({"train_batch_size": 64}, 2, (64, 32, 1)),
+    ({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8}, 2, (64, 8, 4)),
+    ({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 3}, 2, (48, 8, 3)),
+])
+def test_batch_arithmetic(ds, world, want):
+    assert config_mod.resolve_batch(dict(ds), world, "cfg.json") == want
+
+
+@pytest.mark.parametrize("ds,msg", [
+    ({"train_batch_size": 65536, "train_micro_batch_size_per_gpu": 48}, "not a multiple of train_micro_batch_size_per_gpu 48 x world size 8"),
+    ({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3},
+     r"4 x gradient_accumulation_steps 3 x world size 8 = 96, not train_batch_size 64"),
+    ({"train_micro_batch_size_per_gpu": 4}, "set train_batch_size, or both"),
+])
+def test_batch_arithmetic_errors(ds, msg):
+    with pytest.raises(config_mod.ConfigError, match=msg):
+        config_mod.resolve_batch(dict(ds), 8, "cfg.json")
+
+
+def test_presets_and_config_json(tmp_path):
+    for name, (layers, hidden, heads) in PRESETS.items():
+        c = bert_config(name, 1000)
+        assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads) == (layers, hidden, heads)
+        assert c.max_position_embeddings == 512 and c._attn_implementation == "sdpa"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(bert_config("bert-tiny", 1000).to_dict()))
+    assert bert_config(str(path), 1000).hidden_size == 128
+    with pytest.raises(ValueError, match="vocab_size 1000 but the data's vocab has 999"):
+        bert_config(str(path), 999)
+    with pytest.raises(ValueError, match="neither a preset"):
+        bert_config("huge", 1000)
+
+
+def test_masked_position_head_equals_full_projection():
+    torch.manual_seed(0)
+    model = BertPretrainingModel(bert_config("bert-tiny", 500)).eval()
+    g = torch.Generator().manual_seed(1)
+    B, L, P = 3, 32, 5
+    batch = dict(input_ids=torch.randint(5, 500, (B, L), generator=g),
+                 token_type_ids=torch.zeros(B, L, dtype=torch.long), attention_mask=torch.ones(B, L, dtype=torch.long),
+                 masked_lm_positions=torch.stack([torch.randperm(L - 1, generator=g)[:P] + 1 for _ in range(B)]),
+                 masked_lm_labels=torch.randint(5, 500, (B, P), generator=g),
+                 next_sentence_label=torch.randint(0, 2, (B,), generator=g))
+    batch["masked_lm_labels"][0, 3:] = -1  # padding slots do not count
+    fast, full = model(**batch), model(**batch, full_vocab_projection=True)
+    torch.testing.assert_close(fast.loss, full.loss, rtol=1e-6, atol=1e-6)
+    assert int(fast.mlm_count) == B * P - 2
+    # and the same numbers as transformers' BertForPreTraining on the full sequence
+    from transformers import BertForPreTraining
+
+    hf = BertForPreTraining(model.config).eval()
+    hf.load_state_dict(model.state_dict())
+    labels = torch.full((B, L), -100)
+    for b in range(B):
+        for p in range(P):
+            if batch["masked_lm_labels"][b, p] >= 0:
+                labels[b, batch["masked_lm_positions"][b, p]] = batch["masked_lm_labels"][b, p]
+    ref = hf(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+             attention_mask=batch["attention_mask"], labels=labels, next_sentence_label=batch["next_sentence_label"])
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-5, atol=1e-5)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in hf.named_parameters()]
