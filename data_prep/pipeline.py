@@ -111,6 +111,7 @@ def _init_worker(state: dict) -> None:
     os.environ["RAYON_NUM_THREADS"] = "1"  # one worker = one core, so --workers means what it says
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the CLI's handler (inherited by fork): terminate() must kill
     _W.clear()
     _W.update(state)
 
@@ -224,7 +225,7 @@ def _maybe_crash() -> None:
         if _W["done"] == int(n):
             if os.environ.get("DATA_PREP_CRASH_SIGNAL") == "INT":  # as Ctrl-C in the terminal would
                 os.kill(os.getppid(), signal.SIGINT)
-                time.sleep(60)  # hold still until the parent stops this worker, so the test is exact
+                time.sleep(15)  # hold still until the parent stops this worker, so the test is exact
                 return
             os.kill(os.getppid(), signal.SIGKILL)
             os._exit(137)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,10 +90,15 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _default_sigint() -> None:
+    # a background job of a shell script starts with SIGINT ignored; a terminal's Ctrl-C does not
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args, env=None, check=False) -> subprocess.CompletedProcess:
     e = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     r = subprocess.run([sys.executable, "-m", "data_prep", *map(str, args)], cwd=REPO, env=e,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, preexec_fn=_default_sigint)
     if check and r.returncode != 0:
         raise AssertionError(r.stderr)
     return r
