@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import string
 import sys
@@ -125,7 +126,8 @@ def best_null_threshold(examples: list[Example], answers: dict[str, str],
     # Threshold above every diff: nothing is null. Lowering it past a diff turns that question null.
     em = sum(s[1] for s in scored)
     f1 = sum(s[2] for s in scored)
-    best = (f1, em, max(s[0] for s in scored) + 1.0)
+    finite = [s[0] for s in scored if math.isfinite(s[0])]
+    best = (f1, em, max(finite) + 1.0 if finite else 0.0)
     for i in range(len(scored) - 1, -1, -1):
         d, em_a, f1_a, em_n, f1_n = scored[i]
         em += em_n - em_a
@@ -165,9 +167,11 @@ def read_predictions_na(path) -> dict[str, float]:
             raw = json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SquadFormatError(f"{path}: cannot read ({e})") from None
-    if not isinstance(raw, dict) or not all(isinstance(v, (int, float)) for v in raw.values()):
+    if not isinstance(raw, dict) or not all(isinstance(v, (int, float)) or v is None
+                                            for v in raw.values()):
         raise SquadFormatError(f"{path}: should map question id -> number")
-    return {k: float(v) for k, v in raw.items()}
+    # None: no valid span at all, so the question is null at any threshold
+    return {k: float("inf") if v is None else float(v) for k, v in raw.items()}
 
 
 def main(argv=None) -> int:

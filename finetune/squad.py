@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     eval_log = []
     if train:
         engine.train()
-        step, micro, seen, t0 = 0, 0, 0, time.perf_counter()
+        step, micro, seen, eval_time, t0 = 0, 0, 0, 0.0, time.perf_counter()
         bar = tqdm(total=total_steps, desc="train", disable=rank != 0)
         epoch = 0
         while step < total_steps:
@@ -314,16 +314,18 @@ def main(argv=None) -> int:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 if args.eval_every and dev_feats is not None and step % args.eval_every == 0:
+                    t_eval = time.perf_counter()
                     preds, _ = run_prediction()
                     if rank == 0 and has_answers:
                         _, m = score_predictions(preds, dev_examples, args, True)
                         eval_log.append({"step": step, "exact_match": m["exact_match"], "f1": m["f1"]})
                         tqdm.write(f"step {step}: EM {m['exact_match']:.2f} F1 {m['f1']:.2f}")
+                    eval_time += time.perf_counter() - t_eval  # not training time
                 if step >= total_steps:
                     break
             epoch += 1
         bar.close()
-        train_time = time.perf_counter() - t0
+        train_time = time.perf_counter() - t0 - eval_time
         metrics.update({"train_steps": step, "train_windows": len(train_feats),
                         "train_windows_seen": seen,
                         "train_seconds": train_time,
@@ -343,7 +345,9 @@ def main(argv=None) -> int:
             metrics.update({"predict_seconds": predict_time, "predict_questions": len(dev_examples),
                             "predict_questions_per_second": len(dev_examples) / predict_time})
             nbest = {q: p.nbest for q, p in preds.items()}
-            null_odds = {q: p.null_diff for q, p in preds.items()}
+            # null when no span was valid at all: JSON has no infinity, so None
+            null_odds = {q: (p.null_diff if math.isfinite(p.null_diff) else None)
+                         for q, p in preds.items()}
 
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
