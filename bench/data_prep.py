@@ -10,7 +10,8 @@ Runs, each in its own process (so peak RSS is per run):
   build W=1  the same with one worker (scaling)
   build half W=2  every other input file (is peak RSS flat when the corpus doubles?)
 Prints a table and one JSON line. Peak RSS is the sum over the build's process tree, sampled
-every 0.1 s. The load average is printed too: on a shared machine the figures are noisy.
+every 0.1 s; "anon" is the same without memory-mapped file pages (RssAnon), which the kernel can
+reclaim. CPU seconds (user+sys of the whole tree) are less sensitive to other load than wall time. The load average is printed too: on a shared machine the figures are noisy.
 """
 from __future__ import annotations
 
@@ -53,32 +54,58 @@ def raw_worker(files: list[str], vocab: str, threads: int) -> None:
     paras = [p for u in units for d in iter_documents(u, ReadStats()) for p in d]
     tok = load_vocab(vocab).tokenizer()
     tokens = 0
+    c0 = time.process_time()
     t0 = time.perf_counter()
     for i in range(0, len(paras), 20_000):
         tokens += sum(len(e.ids) for e in tok.encode_batch(paras[i:i + 20_000], add_special_tokens=False))
-    print(json.dumps({"tokens": tokens, "seconds": time.perf_counter() - t0, "paragraphs": len(paras)}))
+    print(json.dumps({"tokens": tokens, "seconds": time.perf_counter() - t0, "paragraphs": len(paras),
+                      "cpu_seconds": time.process_time() - c0}))
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes of the process tree, stderr)."""
+PEAK_ANON = [0]  # of the last run_measured call
+
+
+def _rss_anon(pid: int) -> int:
+    """Anonymous resident memory (heap, arrays) of a process: RSS minus memory-mapped file pages,
+    which the kernel can drop at any time. Linux only; 0 elsewhere."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int, str, float]:
+    """(wall seconds, peak RSS bytes of the process tree, output, CPU seconds of the whole tree).
+    CPU seconds come from getrusage(RUSAGE_CHILDREN): every descendant, once reaped, is in it."""
+    import resource
+
     import psutil
 
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
-    peak = 0
+    peak = peak_anon = 0
     while proc.poll() is None:
         try:
-            peak = max(peak, ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True)))
+            procs = [ps, *ps.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in procs))
+            peak_anon = max(peak_anon, sum(_rss_anon(p.pid) for p in procs))
         except psutil.Error:
             pass
         time.sleep(0.1)
+    PEAK_ANON[0] = peak_anon
     wall = time.perf_counter() - t0
     out, err = proc.communicate()
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{err[-2000:]}")
-    return wall, peak, out + err
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return wall, peak, out + err, cpu
 
 
 def main() -> None:
@@ -99,19 +126,21 @@ def main() -> None:
     load0 = os.getloadavg()
     rows = []
     try:
-        wall, peak, out = run_measured([sys.executable, __file__, "--workers", str(a.workers), "--vocab", vocab,
+        wall, peak, out, cpu = run_measured([sys.executable, __file__, "--workers", str(a.workers), "--vocab", vocab,
                                         "--raw-worker", *files])
         raw = json.loads(out.strip().splitlines()[-1])
         rows.append({"run": f"raw encode_batch, {a.workers} threads", "workers": a.workers, "files": len(files),
-                     "tokens": raw["tokens"], "seconds": raw["seconds"], "peak_rss_mb": peak / 2**20})
+                     "tokens": raw["tokens"], "seconds": raw["seconds"], "peak_rss_mb": peak / 2**20,
+                     "cpu_seconds": raw["cpu_seconds"], "peak_anon_mb": PEAK_ANON[0] / 2**20})
         for name, inputs, w in (("build", files, a.workers), ("build", files, 1), ("build half corpus", half, a.workers)):
             out_dir = tmp / f"out_{w}_{len(inputs)}"
-            wall, peak, log = run_measured([sys.executable, "-m", "data_prep", "build", "--input", *inputs, "--vocab", vocab,
+            wall, peak, log, cpu = run_measured([sys.executable, "-m", "data_prep", "build", "--input", *inputs, "--vocab", vocab,
                                             "--output", str(out_dir), "--seq-lens", "128,512", "--shards", "64",
                                             "--workers", str(w), "--no-progress"])
             m = json.loads((out_dir / "seq128" / "manifest.json").read_text())
             rows.append({"run": f"{name}, seq 128+512", "workers": w, "files": len(inputs),
                          "tokens": m["corpus"]["tokens"], "seconds": wall, "peak_rss_mb": peak / 2**20,
+                         "cpu_seconds": cpu, "peak_anon_mb": PEAK_ANON[0] / 2**20,
                          "samples_128": m["num_samples"],
                          "samples_512": json.loads((out_dir / "seq512" / "manifest.json").read_text())["num_samples"]})
             shutil.rmtree(out_dir)
@@ -119,21 +148,30 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     for r in rows:
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        r["tokens_per_cpu_s"] = r["tokens"] / r["cpu_seconds"]
     raw_tps, full, one, halfrun = (r["tokens_per_s"] for r in rows)
     summary = {
         "build_vs_raw_tokenizer": full / raw_tps,
+        # per CPU-second: less sensitive to other load on a shared machine than wall time
+        "build_vs_raw_tokenizer_per_cpu_s": rows[1]["tokens_per_cpu_s"] / rows[0]["tokens_per_cpu_s"],
         "scaling_1_to_2_workers": full / one,
         "peak_rss_mb_full": rows[1]["peak_rss_mb"],
         "peak_rss_mb_half": rows[3]["peak_rss_mb"],
+        "peak_anon_mb_full": rows[1]["peak_anon_mb"],
+        "peak_anon_mb_half": rows[3]["peak_anon_mb"],
         "loadavg_before": load0, "loadavg_after": os.getloadavg(), "cpus": os.cpu_count(),
     }
-    print(f"\n{'run':38s} {'W':>2s} {'files':>5s} {'tokens':>12s} {'s':>8s} {'tokens/s':>10s} {'peak RSS MB':>11s}")
+    print(f"\n{'run':38s} {'W':>2s} {'files':>5s} {'tokens':>12s} {'wall s':>7s} {'tokens/s':>10s} {'CPU s':>7s} "
+          f"{'tok/CPU-s':>10s} {'peak RSS MB':>11s} {'(anon MB)':>9s}")
     for r in rows:
-        print(f"{r['run']:38s} {r['workers']:2d} {r['files']:5d} {r['tokens']:12,d} {r['seconds']:8.1f} "
-              f"{r['tokens_per_s']:10,.0f} {r['peak_rss_mb']:11,.0f}")
-    print(f"\nbuild / raw tokenizer: {summary['build_vs_raw_tokenizer']:.2f}x   "
+        print(f"{r['run']:38s} {r['workers']:2d} {r['files']:5d} {r['tokens']:12,d} {r['seconds']:7.1f} "
+              f"{r['tokens_per_s']:10,.0f} {r['cpu_seconds']:7.1f} {r['tokens_per_cpu_s']:10,.0f} {r['peak_rss_mb']:11,.0f} "
+              f"{r['peak_anon_mb']:9,.0f}")
+    print(f"\nbuild / raw tokenizer: {summary['build_vs_raw_tokenizer']:.2f}x (per CPU-second: "
+          f"{summary['build_vs_raw_tokenizer_per_cpu_s']:.2f}x)   "
           f"1 -> {rows[1]['workers']} workers: {summary['scaling_1_to_2_workers']:.2f}x   "
-          f"peak RSS half -> full corpus: {summary['peak_rss_mb_half']:.0f} -> {summary['peak_rss_mb_full']:.0f} MB   "
+          f"peak RSS half -> full corpus: {summary['peak_rss_mb_half']:.0f} -> {summary['peak_rss_mb_full']:.0f} MB "
+          f"(anonymous {summary['peak_anon_mb_half']:.0f} -> {summary['peak_anon_mb_full']:.0f} MB)   "
           f"load average before/after: {load0[0]:.1f}/{summary['loadavg_after'][0]:.1f} on {os.cpu_count()} CPUs")
     print(json.dumps({"bench": "data_prep", "rows": rows, **summary}))
 

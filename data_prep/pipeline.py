@@ -344,6 +344,9 @@ def _pair_unit_inner(job: _PairJob) -> dict:
                     out.flush()
                     buffered = 0
     out.commit(counts)
+    # Unmap the units read for random segments: their touched pages would otherwise stay in this
+    # worker's RSS and grow with the corpus (they remain in the page cache for the next job).
+    load.cache_clear()
     _maybe_crash()
     return counts
 
