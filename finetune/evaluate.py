@@ -118,7 +118,8 @@ def best_null_threshold(examples: list[Example], answers: dict[str, str],
             continue
         em_ans, f1_ans = score_question(answers[ex.qid], ex, True)
         em_null, f1_null = score_question("", ex, True)
-        scored.append((null_diffs[ex.qid], em_ans, f1_ans, em_null, f1_null))
+        # a question without a diff is never made null
+        scored.append((null_diffs.get(ex.qid, -math.inf), em_ans, f1_ans, em_null, f1_null))
     n = len(examples)  # missing questions count 0, as in evaluate()
     if not scored:
         return {"threshold": 0.0, "exact_match": 0.0, "f1": 0.0}
@@ -137,7 +138,10 @@ def best_null_threshold(examples: list[Example], answers: dict[str, str],
         thresh = scored[i - 1][0] if i > 0 else d - 1.0
         if f1 > best[0]:
             best = (f1, em, thresh)
-    return {"threshold": float(best[2]), "exact_match": 100.0 * best[1] / n,
+    thresh = best[2]
+    if not math.isfinite(thresh):  # only when every diff is infinite on that side
+        thresh = (min(finite) - 1.0 if thresh < 0 else max(finite) + 1.0) if finite else 0.0
+    return {"threshold": float(thresh), "exact_match": 100.0 * best[1] / n,
             "f1": 100.0 * best[0] / n}
 
 
