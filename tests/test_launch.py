@@ -1,0 +1,71 @@
+"""launch.sh: subcommands, argument parsing (dry run), and the README/CI entry points."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(*args: str, dry: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LAUNCH_DRY_RUN="1" if dry else "0")
+    return subprocess.run([str(ROOT / "launch.sh"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_help_lists_every_subcommand():
+    out = launch("help").stdout
+    for sub in ("demo", "test", "prep", "pretrain", "squad", "export", "bench"):
+        assert f"./launch.sh {sub}" in out
+
+
+def test_unknown_subcommand_fails_with_help():
+    proc = launch("pretrian")
+    assert proc.returncode == 2 and "unknown subcommand 'pretrian'" in proc.stderr
+
+
+def test_pretrain_both_phases_through_mpiexec():
+    proc = launch("pretrain", "--launcher", "mpi", "--np", "2", "--data-dir", "D", "--output-dir", "O",
+                  "--max-steps", "5")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert re.match(r"\S*mpiexec -n 2 \S*python pretrain/run.py --config ds_configs/lamb_64k.json "
+                    r"--data D/seq128 --output O/phase1 --max-steps 5", lines[0])
+    assert "--config ds_configs/lamb_32k.json --data D/seq512 --output O/phase2 --init-checkpoint O/phase1" in lines[1]
+
+
+def test_pretrain_phase2_with_hostfile_uses_deepspeed_launcher():
+    proc = launch("pretrain", "--phase", "2", "--hostfile", "hosts", "--config2", "my.json", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() [1:] == ["-m", "deepspeed.launcher.runner", "--hostfile", "hosts", "pretrain/run.py",
+                                        "--config", "my.json", "--resume"]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (("--phase", "3"), "--phase must be 1, 2 or both"),
+    (("--launcher", "slurm"), "--launcher must be deepspeed or mpi"),
+    (("--launcher", "mpi"), "--launcher mpi needs --np N"),
+])
+def test_pretrain_bad_arguments(args, msg):
+    proc = launch("pretrain", *args)
+    assert proc.returncode == 2 and msg in proc.stderr
+
+
+def test_squad_passes_arguments_through():
+    proc = launch("squad", "--np", "2", "--checkpoint", "hf", "--output", "out")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-5:] == ["finetune/squad.py", "--checkpoint", "hf", "--output", "out"]
+    assert "--num_gpus 2" in proc.stdout or "--num_gpus" not in proc.stdout  # GPUs: all of them
+
+
+def test_readme_and_ci_run_the_same_commands():
+    readme = (ROOT / "README.md").read_text()
+    first_block = readme.split("```")[1]
+    commands = [line.split("#")[0].strip() for line in first_block.splitlines()[1:] if line.strip()]
+    assert commands == ["./launch.sh demo", "./launch.sh test"]
+    assert "./launch.sh test" in (ROOT / ".ci" / "run").read_text()
