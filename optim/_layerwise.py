@@ -138,6 +138,25 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return out
 
     # -- the step -------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        prepared = self._prepare_step()  # e.g. LAMB's global gradient norm, before any update
+        for group in self.param_groups:
+            buckets = self._buckets(group)
+            if buckets:
+                self._step_group(group, buckets, prepared)
+        return loss
+
+    def _prepare_step(self):
+        return None
+
+    def _step_group(self, group: dict, buckets: "list[Bucket]", prepared) -> None:
+        raise NotImplementedError
+
     def _choose_impl(self, tensors: list[torch.Tensor]) -> str:
         impl = self.impl or "fused"
         if impl != "fused":

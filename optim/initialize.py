@@ -28,11 +28,11 @@ def load_config(config: Union[str, Path, dict]) -> dict:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise FileNotFoundError(f"DeepSpeed config {path}: {exc.strerror}") from None
+        raise FileNotFoundError(f"{path}: {exc.strerror}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"DeepSpeed config {path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        raise ValueError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
 
 
 def build_optimizer(model, config: dict, model_parameters=None):

@@ -106,18 +106,8 @@ class Lamb(LayerwiseOptimizer):
             norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
         return 1.0 / torch.clamp(norm / max_norms.pop(), min=1.0)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale = self._grad_scale()
-        for group in self.param_groups:
-            buckets = self._buckets(group)
-            if buckets:
-                self._step_group(group, buckets, grad_scale)
-        return loss
+    def _prepare_step(self) -> Optional[torch.Tensor]:
+        return self._grad_scale()
 
     def _step_group(self, group: dict, buckets: list[Bucket], grad_scale: Optional[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]

@@ -30,19 +30,7 @@ class Lars(LayerwiseOptimizer):
                         trust_coefficient=trust_coefficient, eps=eps)
         super().__init__(params, defaults, impl)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            buckets = self._buckets(group)
-            if buckets:
-                self._step_group(group, buckets)
-        return loss
-
-    def _step_group(self, group: dict, buckets: list[Bucket]) -> None:
+    def _step_group(self, group: dict, buckets: list[Bucket], _prepared=None) -> None:
         wd, mom, lr = group["weight_decay"], group["momentum"], group["lr"]
         runs = []
         for b in buckets:

@@ -77,15 +77,12 @@ OVERRIDES = {
 
 
 def read_json(path: str | Path) -> dict:
-    path = Path(path)
+    from optim.initialize import load_config
+
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"config {path}: {exc.strerror}") from None
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config {path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        cfg = load_config(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"config {exc}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"config {path}: the top level must be an object")
     return cfg
