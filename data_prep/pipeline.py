@@ -42,6 +42,7 @@ from .samples import MaskSpec, PairOptions, default_max_predictions, document_pa
 from .vocab import Vocab, load_vocab, save_dir
 
 FORMAT_VERSION = "data_prep/1"
+_ENCODE_CHARS = 1 << 18  # characters per encode call (a batch of ~60k tokens)
 _FLUSH_TOKENS = 1 << 22  # buffer ~4M tokens per worker before appending to disk
 _MERGE_GROUP_TOKENS = 1 << 23  # tokens gathered per merge step before writing to the K shards
 _MERGE_BLOCK_SAMPLES = 1 << 16  # a big unit is merged in blocks of samples, so memory stays bounded
@@ -143,14 +144,17 @@ def _tokenize_unit_inner(job: _TokJob) -> dict:
     out.add("doc_off", [0])
     # One string per paragraph with its sentences joined by " [SEP] ": one encode call per paragraph
     # instead of per sentence (~10% less tokenizer time), and the [SEP] ids mark the boundaries.
+    # Batches are cut by size, also inside a document (a book is one), so memory stays bounded.
     pending: list[str] = []
-    pending_doc: list[int] = []  # document number (within this batch) of each pending paragraph
+    pending_doc: list[int] = []  # document serial number of each pending paragraph
     pending_nsent: list[int] = []  # sentences joined in each pending paragraph
-    n_doc = 0  # documents read since the last encode call
+    pending_chars = 0
+    ended: list[int] = []  # documents read to the end whose end is not written yet
+    carried = 0  # sentences already written of the document still being read
     counts = {"sentences": 0, "tokens": 0, "empty_documents": 0, "split_sentences": 0, "chars": 0}
 
     def encode_pending() -> None:
-        nonlocal n_doc
+        nonlocal pending_chars, carried
         ids_lists = [e.ids for e in encode(pending, add_special_tokens=False)]
         # every sentence now ends with exactly one [SEP]: the joins, plus one appended per paragraph
         ids = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(
@@ -169,27 +173,38 @@ def _tokenize_unit_inner(job: _TokJob) -> dict:
             counts["split_sentences"] += int((pieces - 1).sum())
             sent_doc = np.repeat(sent_doc, pieces)
             lens = np.concatenate([[max_sent] * (k - 1) + [n - max_sent * (k - 1)] for n, k in zip(lens, pieces)])
-        per_doc = np.bincount(sent_doc, minlength=n_doc)
-        counts["empty_documents"] += int((per_doc == 0).sum())
         tokens = ids[~is_sep]
         out.add("tokens", tokens.astype(dtype))
         out.add("sent_off", counts["tokens"] + np.cumsum(lens))
-        out.add("doc_off", counts["sentences"] + np.cumsum(per_doc[per_doc > 0]))
+        # sentence counts at each ended document's end (sent_doc is sorted: documents come in order)
+        doc_ends = []
+        for serial in ended:
+            upto = int(np.searchsorted(sent_doc, serial, side="right"))
+            n = carried + upto - (int(np.searchsorted(sent_doc, serial, side="left")))
+            carried = 0
+            if n:
+                doc_ends.append(counts["sentences"] + upto)
+            else:
+                counts["empty_documents"] += 1
+        carried += len(lens) - (int(np.searchsorted(sent_doc, ended[-1], side="right")) if ended else 0)
+        out.add("doc_off", doc_ends)
         counts["sentences"] += len(lens)
         counts["tokens"] += len(tokens)
         live = _W.get("live")
         if live is not None:
             with live.get_lock():
-                live[0] += n_doc
+                live[0] += len(ended)
                 live[1] += len(tokens)
         pending.clear()
         pending_doc.clear()
         pending_nsent.clear()
-        n_doc = 0
+        ended.clear()
+        pending_chars = 0
         out.flush()
 
-    for doc in iter_documents(job.unit, stats, min_doc_chars=cfg.min_doc_chars, max_doc_chars=cfg.max_doc_chars,
-                              max_line_chars=cfg.max_line_chars, text_key=cfg.text_key):
+    for serial, doc in enumerate(iter_documents(
+            job.unit, stats, min_doc_chars=cfg.min_doc_chars, max_doc_chars=cfg.max_doc_chars,
+            max_line_chars=cfg.max_line_chars, text_key=cfg.text_key)):
         for para in doc:
             counts["chars"] += len(para)
             if "[" in para:  # literal special tokens ("[SEP]" in an article about BERT) stay plain text
@@ -197,13 +212,16 @@ def _tokenize_unit_inner(job: _TokJob) -> dict:
                     para = para.replace(t, t[0] + " " + t[1:])
             sents = [x for x in blingfire.text_to_sentences(para).split("\n") if x.strip()]
             if sents:
+                pending_chars += len(para)
                 pending.append(f" {sep_text} ".join(sents))
-                pending_doc.append(n_doc)
+                pending_doc.append(serial)
                 pending_nsent.append(len(sents))
-        n_doc += 1
-        if len(pending) >= 2048:  # paragraphs per encode call: enough to amortise the call
-            encode_pending()
-    if n_doc:
+            # enough per call to amortise it, few enough that the tokenizer's ~60 bytes of
+            # bookkeeping per token stay small
+            if len(pending) >= 2048 or pending_chars >= _ENCODE_CHARS:
+                encode_pending()
+        ended.append(serial)
+    if pending or ended:
         encode_pending()
     problems = {k: getattr(stats, k) for k in ("invalid_utf8", "long_lines", "short_documents", "split_documents",
                                                 "bad_records")}

@@ -289,7 +289,8 @@ def test_same_output_whatever_the_worker_count_and_merge_block(tmp_path, corpus,
     two = run_build(tmp_path, [corpus[0]], vocab, name="w2", workers=2, masking="static", dupe_factor=1)
     from data_prep import pipeline
 
-    # tiny merge blocks and groups: the path a corpus of many GB takes
+    # tiny encode batches (cut inside documents), merge blocks and groups: the path of a big corpus
+    monkeypatch.setattr(pipeline, "_ENCODE_CHARS", 300)
     monkeypatch.setattr(pipeline, "_MERGE_BLOCK_SAMPLES", 7)
     monkeypatch.setattr(pipeline, "_MERGE_GROUP_TOKENS", 3000)
     small = run_build(tmp_path, [corpus[0]], vocab, name="blocks", workers=2, masking="static", dupe_factor=1)
