@@ -1,0 +1,281 @@
+"""Scaling study: the same number of samples at several batch sizes and optimizers.
+
+    python -m pretrain.scaling --config ds_configs/cpu_seq128.json --data data/seq128 \\
+        --output runs/scaling --batch-sizes 128,512,2048 --optimizers lamb,lars,adamw \\
+        --samples 262144 --base-batch 128 --lr lamb=6e-3,adamw=1e-3,lars=1.0 --lr-rule sqrt \\
+        [--lr-multipliers 0.5,1,2] [--warmup 0.1] [--np 2] [--target-loss 4.5]
+
+Every run is ``pretrain/run.py`` itself (same code, DeepSpeed engine, our optimizers), launched
+with the config's settings plus: the global batch, ``max_steps = samples / batch``, the learning
+rate scaled from ``--base-batch`` by ``--lr-rule`` (sqrt: the LAMB paper's rule; linear), the
+warmup as a fraction of the steps, and gradient accumulation when the batch does not fit
+(``--micro-batch``). ``--lr-multipliers`` adds a small learning-rate search around the scaled
+rate at the smallest and the largest batch.
+
+Held-out MLM loss is recorded at ``--eval-points`` points of each run, against steps and samples.
+Results: ``OUTPUT/results.csv`` (every evaluation), ``OUTPUT/summary.json`` (per run: final
+held-out loss, steps and samples to ``--target-loss``, wall time), plots ``loss_vs_samples.png``
+and ``scaling.png``, and a table on stdout. A finished run (its ``result.json`` exists) is not run
+again: rerun the same command after an interruption, or in the background with ``nohup``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from optim.schedules import scale_lr
+
+REPO = Path(__file__).resolve().parents[1]
+
+OPTIMIZERS = {
+    # name -> optimizer block (lr filled in); LAMB as NVIDIA's recipe, LARS on momentum SGD.
+    "lamb": lambda lr: {"type": "Lamb", "params": {"lr": lr, "weight_decay": 0.01, "variant": "nvidia"}},
+    "adamw": lambda lr: {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.01, "eps": 1e-6}},
+    "lars": lambda lr: {"type": "Lars", "params": {"lr": lr, "momentum": 0.9, "weight_decay": 0.01,
+                                                   "trust_coefficient": 0.001}},
+}
+
+
+@dataclass
+class RunSpec:
+    optimizer: str
+    batch: int
+    lr: float
+    lr_multiplier: float
+    steps: int
+    micro_batch: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.optimizer}_b{self.batch}_lrx{self.lr_multiplier:g}"
+
+
+def plan(args) -> list[RunSpec]:
+    batches = sorted(args.batch_sizes)
+    specs = []
+    for opt in args.optimizers:
+        for batch in batches:
+            mults = args.lr_multipliers if batch in (batches[0], batches[-1]) else [1.0]
+            for mult in mults:
+                steps = args.samples // batch
+                if steps < 1:
+                    raise SystemExit(f"--samples {args.samples} is less than one step at batch {batch}")
+                lr = scale_lr(args.lr[opt], args.base_batch, batch, args.lr_rule) * mult
+                per_rank = batch // args.np
+                micro = min(args.micro_batch, per_rank)
+                while per_rank % micro:
+                    micro -= 1
+                specs.append(RunSpec(opt, batch, lr, mult, steps, micro))
+    return specs
+
+
+def run_one(spec: RunSpec, args, out: Path) -> dict:
+    run_dir = out / spec.name
+    done = run_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    eval_every = max(1, spec.steps // args.eval_points)
+    sets = {
+        "optimizer": json.dumps(OPTIMIZERS[spec.optimizer](spec.lr)),
+        "scheduler": json.dumps({"type": "WarmupPolyDecay", "params": {"warmup_proportion": args.warmup,
+                                                                       "power": args.power}}),
+        "pretrain.eval_every": eval_every, "pretrain.eval_samples": args.eval_samples,
+        "pretrain.log_every": max(1, min(eval_every, 50)), "pretrain.checkpoint_every": 0,
+        "pretrain.keep_checkpoints": 1, "pretrain.tensorboard": "false",
+    }
+    if spec.optimizer != "lamb":
+        sets["gradient_clipping"] = 1.0
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.np),
+           "--master_port", str(args.master_port), str(REPO / "pretrain" / "run.py")] if args.np > 1 else \
+          [sys.executable, str(REPO / "pretrain" / "run.py")]
+    cmd += ["--config", str(args.config), "--data", str(args.data), "--output", str(run_dir),
+            "--train-batch-size", str(spec.batch), "--micro-batch-size", str(spec.micro_batch),
+            "--max-steps", str(spec.steps), "--seed", str(args.seed)]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    if (run_dir / "checkpoints" / "latest").is_file():
+        cmd.append("--resume")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(run_dir / "log.txt", "a") as logf:
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    wall = time.time() - t0
+    evals = read_evals(run_dir, spec)
+    result = {**asdict(spec), "name": spec.name, "exit_code": proc.returncode, "wall_s": wall, "evals": evals,
+              "final_loss": evals[-1]["eval_mlm_loss"] if evals else math.nan,
+              "diverged": proc.returncode == 3}
+    hit = next((e for e in evals if e["eval_mlm_loss"] <= args.target_loss), None)
+    result["steps_to_target"] = hit["step"] if hit else None
+    result["samples_to_target"] = hit["samples"] if hit else None
+    if proc.returncode in (0, 3):  # finished, or stopped on a non-finite loss: both are results
+        done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def read_evals(run_dir: Path, spec: RunSpec) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    evals = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if "eval_mlm_loss" in rec:
+            evals[rec["step"]] = {"step": rec["step"], "samples": rec["step"] * spec.batch,
+                                  "eval_mlm_loss": rec["eval_mlm_loss"], "eval_mlm_acc": rec["eval_mlm_acc"],
+                                  "eval_nsp_acc": rec["eval_nsp_acc"]}
+    return [evals[s] for s in sorted(evals)]
+
+
+def best_per_batch(results: list[dict]) -> dict[tuple[str, int], dict]:
+    best: dict[tuple[str, int], dict] = {}
+    for r in results:
+        key = (r["optimizer"], r["batch"])
+        if key not in best or _final(r) < _final(best[key]):
+            best[key] = r
+    return best
+
+
+def _final(r: dict) -> float:
+    v = r["final_loss"]
+    return v if v == v else math.inf  # NaN (diverged) sorts last
+
+
+def write_outputs(results: list[dict], out: Path, target: float) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "optimizer", "batch", "lr", "lr_multiplier", "step", "samples", "eval_mlm_loss",
+                    "eval_mlm_acc", "eval_nsp_acc"])
+        for r in results:
+            for e in r["evals"]:
+                w.writerow([r["name"], r["optimizer"], r["batch"], r["lr"], r["lr_multiplier"], e["step"],
+                            e["samples"], e["eval_mlm_loss"], e["eval_mlm_acc"], e["eval_nsp_acc"]])
+    summary = [{k: v for k, v in r.items() if k != "evals"} for r in results]
+    (out / "summary.json").write_text(json.dumps({"target_loss": target, "runs": summary}, indent=1))
+    try:
+        plot(results, out, target)
+    except ImportError:
+        print("scaling: matplotlib is not installed; no plots", file=sys.stderr)
+
+
+def plot(results: list[dict], out: Path, target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = best_per_batch(results)
+    opts = sorted({r["optimizer"] for r in results})
+    fig, axes = plt.subplots(1, len(opts), figsize=(5 * len(opts), 4), sharey=True, squeeze=False)
+    for ax, opt in zip(axes[0], opts):
+        for (o, batch), r in sorted(best.items()):
+            if o == opt and r["evals"]:
+                ax.plot([e["samples"] for e in r["evals"]], [e["eval_mlm_loss"] for e in r["evals"]],
+                        marker="o", ms=3, label=f"batch {batch} (lr {r['lr']:.2g})")
+        ax.axhline(target, color="grey", ls=":", lw=1)
+        ax.set(title=opt, xlabel="samples", xscale="log")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("held-out MLM loss")
+    fig.tight_layout()
+    fig.savefig(out / "loss_vs_samples.png", dpi=120)
+    plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for opt in opts:
+        rows = sorted((b, r) for (o, b), r in best.items() if o == opt)
+        a1.plot([b for b, _ in rows], [_final(r) for _, r in rows], marker="o", label=opt)
+        hits = [(b, r["steps_to_target"]) for b, r in rows if r["steps_to_target"]]
+        if hits:
+            a2.plot([b for b, _ in hits], [s for _, s in hits], marker="o", label=opt)
+    batches = sorted({b for _, b in best})
+    lamb_hits = [(b, r["steps_to_target"]) for (o, b), r in best.items() if o == "lamb" and r["steps_to_target"]]
+    if lamb_hits:
+        b0, s0 = min(lamb_hits)
+        a2.plot(batches, [s0 * b0 / b for b in batches], "k--", lw=1, label="ideal linear scaling")
+    a1.set(xscale="log", xlabel="global batch", ylabel="final held-out MLM loss", title="same samples, best lr")
+    a2.set(xscale="log", yscale="log", xlabel="global batch", ylabel=f"steps to held-out loss {target}",
+           title="steps to target")
+    a1.legend()
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=120)
+    plt.close(fig)
+
+
+def print_table(results: list[dict], target: float) -> None:
+    print(f"\n{'run':28s} {'lr':>9s} {'steps':>7s} {'final loss':>11s} {'steps to ' + str(target):>14s} {'wall s':>8s}")
+    for r in sorted(results, key=lambda r: (r["optimizer"], r["batch"], r["lr_multiplier"])):
+        hit = r["steps_to_target"] if r["steps_to_target"] is not None else "-"
+        flag = " (diverged)" if r.get("diverged") else ("" if r["exit_code"] == 0 else f" (exit {r['exit_code']})")
+        print(f"{r['name']:28s} {r['lr']:9.2e} {r['steps']:7d} {r['final_loss']:11.4f} {hit!s:>14s} "
+              f"{r['wall_s']:8.0f}{flag}")
+
+
+def parse_lrs(text: str) -> dict[str, float]:
+    out = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or name not in OPTIMIZERS:
+            raise argparse.ArgumentTypeError(f"--lr wants NAME=LR pairs with NAME in {sorted(OPTIMIZERS)}, got {item!r}")
+        out[name] = float(value)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pretrain.scaling", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, required=True, help="base pretraining config (model, data, precision)")
+    ap.add_argument("--data", type=Path, required=True, help="data_prep output for the config's seq len")
+    ap.add_argument("--output", type=Path, required=True)
+    ap.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], required=True)
+    ap.add_argument("--optimizers", type=lambda s: s.split(","), default=["lamb", "lars", "adamw"])
+    ap.add_argument("--samples", type=int, required=True, help="training samples per run (same for all)")
+    ap.add_argument("--base-batch", type=int, required=True, help="batch size the --lr values are tuned for")
+    ap.add_argument("--lr", type=parse_lrs, required=True, help="base lr per optimizer, e.g. lamb=6e-3,adamw=1e-3")
+    ap.add_argument("--lr-rule", choices=["sqrt", "linear", "none"], default="sqrt")
+    ap.add_argument("--lr-multipliers", type=lambda s: [float(x) for x in s.split(",")], default=[1.0],
+                    help="lr search at the smallest and largest batch, e.g. 0.5,1,2")
+    ap.add_argument("--warmup", type=float, default=0.1, help="warmup as a fraction of each run's steps")
+    ap.add_argument("--power", type=float, default=0.5, help="polynomial decay power")
+    ap.add_argument("--micro-batch", type=int, default=64, help="largest micro batch per rank (accumulate above)")
+    ap.add_argument("--eval-points", type=int, default=8)
+    ap.add_argument("--eval-samples", type=int, default=1024)
+    ap.add_argument("--target-loss", type=float, default=4.5)
+    ap.add_argument("--np", type=int, default=2, help="processes per run")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--master-port", type=int, default=29561)
+    args = ap.parse_args(argv)
+    unknown = [o for o in args.optimizers if o not in OPTIMIZERS]
+    if unknown or any(o not in args.lr for o in args.optimizers):
+        ap.error(f"optimizers must be among {sorted(OPTIMIZERS)} and each needs a --lr entry")
+    for b in args.batch_sizes:
+        if b % args.np:
+            ap.error(f"batch {b} is not divisible by --np {args.np}")
+    args.output.mkdir(parents=True, exist_ok=True)
+    specs = plan(args)
+    print(f"scaling: {len(specs)} runs, {args.samples:,} samples each, output {args.output}", flush=True)
+    results = []
+    for i, spec in enumerate(specs, 1):
+        t = time.time()
+        prior = (args.output / spec.name / "result.json").is_file()
+        r = run_one(spec, args, args.output)
+        results.append(r)
+        status = "done before" if prior else f"{time.time() - t:.0f} s"
+        print(f"[{i}/{len(specs)}] {spec.name}: {spec.steps} steps of {spec.batch} (micro {spec.micro_batch}), "
+              f"lr {spec.lr:.2e} -> final held-out loss {r['final_loss']:.4f} ({status})", flush=True)
+        write_outputs(results, args.output, args.target_loss)
+    print_table(results, args.target_loss)
+    print(json.dumps({"scaling": str(args.output), "runs": len(results)}))
+    return 0 if all(r["exit_code"] in (0, 3) for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""pretrain.scaling: the run plan (same samples, scaled lr, lr search at the ends), resumability,
+and the outputs it writes, without launching training (run.py is covered by test_pretrain_e2e)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pretrain import scaling
+
+
+def make_args(tmp_path, rule="sqrt"):
+    import argparse
+
+    return argparse.Namespace(batch_sizes=[128, 512, 2048], optimizers=["lamb", "adamw"], samples=8192,
+                              base_batch=128, lr={"lamb": 4e-3, "adamw": 1e-3}, lr_rule=rule,
+                              lr_multipliers=[0.5, 1.0, 2.0], np=2, micro_batch=96)
+
+
+def test_plan_same_samples_scaled_lr_and_search_at_the_ends(tmp_path):
+    specs = scaling.plan(make_args(tmp_path))
+    by = {(s.optimizer, s.batch, s.lr_multiplier): s for s in specs}
+    assert len(specs) == 2 * (3 + 1 + 3)  # lr search at 128 and 2048 only
+    for s in specs:
+        assert s.steps * s.batch == 8192
+        per_rank = s.batch // 2
+        assert per_rank % s.micro_batch == 0 and s.micro_batch <= 96
+    assert by[("lamb", 512, 1.0)].lr == pytest.approx(4e-3 * math.sqrt(4))
+    assert by[("lamb", 2048, 2.0)].lr == pytest.approx(4e-3 * 4 * 2)
+    assert ("adamw", 512, 2.0) not in by
+    linear = scaling.plan(make_args(tmp_path, "linear"))
+    assert [s for s in linear if s.batch == 2048 and s.lr_multiplier == 1.0][0].lr == pytest.approx(4e-3 * 16)
+
+
+def test_finished_run_is_not_run_again(tmp_path, monkeypatch):
+    spec = scaling.RunSpec("lamb", 128, 4e-3, 1.0, 64, 64)
+    (tmp_path / spec.name).mkdir()
+    stored = {"name": spec.name, "final_loss": 5.0, "evals": []}
+    (tmp_path / spec.name / "result.json").write_text(json.dumps(stored))
+    monkeypatch.setattr(scaling.subprocess, "run", lambda *a, **k: pytest.fail("re-ran a finished run"))
+    assert scaling.run_one(spec, make_args(tmp_path), tmp_path) == stored
+
+
+def test_results_steps_to_target_and_plots(tmp_path, monkeypatch):
+    spec = scaling.RunSpec("lamb", 128, 4e-3, 1.0, 64, 64)
+    run_dir = tmp_path / spec.name
+
+    def fake_run(cmd, stdout, stderr, env):
+        assert "--train-batch-size" in cmd and cmd[cmd.index("--max-steps") + 1] == "64"
+        assert any(c.startswith("optimizer=") and '"Lamb"' in c for c in cmd)
+        lines = [{"step": s, "eval_mlm_loss": loss, "eval_mlm_acc": 0.1, "eval_nsp_acc": 0.5}
+                 for s, loss in ((16, 6.0), (32, 4.8), (48, 4.4), (64, 4.1))]
+        (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+
+        class P:
+            returncode = 0
+        return P()
+
+    monkeypatch.setattr(scaling.subprocess, "run", fake_run)
+    args = make_args(tmp_path)
+    for k, v in dict(eval_points=4, eval_samples=64, warmup=0.1, power=0.5, seed=1, master_port=1,
+                     config="c.json", data="d", target_loss=4.5).items():
+        setattr(args, k, v)
+    r = scaling.run_one(spec, args, tmp_path)
+    assert r["steps_to_target"] == 48 and r["samples_to_target"] == 48 * 128 and r["final_loss"] == 4.1
+    scaling.write_outputs([r], tmp_path, 4.5)
+    assert (tmp_path / "results.csv").read_text().count("\n") == 5
+    assert json.loads((tmp_path / "summary.json").read_text())["runs"][0]["steps_to_target"] == 48
+    assert (tmp_path / "loss_vs_samples.png").stat().st_size > 0 and (tmp_path / "scaling.png").is_file()
