@@ -8,7 +8,7 @@ Runs, each in its own process (so peak RSS is per run):
              (the cost no preprocessor avoids)
   build W=2  the full build (seq 128 and 512 from one tokenization) on the whole corpus
   build W=1  the same with one worker (scaling)
-  build half W=2  every other input file (is peak RSS flat when the corpus doubles?)
+  build x2 W=2  every input twice, through symlinks (is peak RSS flat when the corpus doubles?)
 Prints a table and one JSON line. Peak RSS is the sum over the build's process tree, sampled
 every 0.1 s; "anon" is the same without memory-mapped file pages (RssAnon), which the kernel can
 reclaim. CPU seconds (user+sys of the whole tree) are less sensitive to other load than wall time. The load average is printed too: on a shared machine the figures are noisy.
@@ -121,8 +121,15 @@ def main() -> None:
         raw_worker(a.raw_worker, vocab, a.workers)
         return
     files = corpus_files(a.data)[::a.limit or 1]
-    half = files[::2]
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_prep_"))
+    # the corpus twice (symlinks, so nothing is copied): same documents, twice the amount
+    doubled = []
+    for copy in ("a", "b"):
+        for f in files:
+            link = tmp / "doubled" / copy / Path(f).relative_to(a.data)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path(f).resolve())
+            doubled.append(str(link))
     load0 = os.getloadavg()
     rows = []
     try:
@@ -132,7 +139,8 @@ def main() -> None:
         rows.append({"run": f"raw encode_batch, {a.workers} threads", "workers": a.workers, "files": len(files),
                      "tokens": raw["tokens"], "seconds": raw["seconds"], "peak_rss_mb": peak / 2**20,
                      "cpu_seconds": raw["cpu_seconds"], "peak_anon_mb": PEAK_ANON[0] / 2**20})
-        for name, inputs, w in (("build", files, a.workers), ("build", files, 1), ("build half corpus", half, a.workers)):
+        for name, inputs, w in (("build", files, a.workers), ("build", files, 1),
+                                ("build corpus x2", doubled, a.workers)):
             out_dir = tmp / f"out_{w}_{len(inputs)}"
             wall, peak, log, cpu = run_measured([sys.executable, "-m", "data_prep", "build", "--input", *inputs, "--vocab", vocab,
                                             "--output", str(out_dir), "--seq-lens", "128,512", "--shards", "64",
@@ -149,16 +157,16 @@ def main() -> None:
     for r in rows:
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
         r["tokens_per_cpu_s"] = r["tokens"] / r["cpu_seconds"]
-    raw_tps, full, one, halfrun = (r["tokens_per_s"] for r in rows)
+    raw_tps, full, one, _ = (r["tokens_per_s"] for r in rows)
     summary = {
         "build_vs_raw_tokenizer": full / raw_tps,
         # per CPU-second: less sensitive to other load on a shared machine than wall time
         "build_vs_raw_tokenizer_per_cpu_s": rows[1]["tokens_per_cpu_s"] / rows[0]["tokens_per_cpu_s"],
         "scaling_1_to_2_workers": full / one,
         "peak_rss_mb_full": rows[1]["peak_rss_mb"],
-        "peak_rss_mb_half": rows[3]["peak_rss_mb"],
+        "peak_rss_mb_doubled": rows[3]["peak_rss_mb"],
         "peak_anon_mb_full": rows[1]["peak_anon_mb"],
-        "peak_anon_mb_half": rows[3]["peak_anon_mb"],
+        "peak_anon_mb_doubled": rows[3]["peak_anon_mb"],
         "loadavg_before": load0, "loadavg_after": os.getloadavg(), "cpus": os.cpu_count(),
     }
     print(f"\n{'run':38s} {'W':>2s} {'files':>5s} {'tokens':>12s} {'wall s':>7s} {'tokens/s':>10s} {'CPU s':>7s} "
@@ -170,8 +178,8 @@ def main() -> None:
     print(f"\nbuild / raw tokenizer: {summary['build_vs_raw_tokenizer']:.2f}x (per CPU-second: "
           f"{summary['build_vs_raw_tokenizer_per_cpu_s']:.2f}x)   "
           f"1 -> {rows[1]['workers']} workers: {summary['scaling_1_to_2_workers']:.2f}x   "
-          f"peak RSS half -> full corpus: {summary['peak_rss_mb_half']:.0f} -> {summary['peak_rss_mb_full']:.0f} MB "
-          f"(anonymous {summary['peak_anon_mb_half']:.0f} -> {summary['peak_anon_mb_full']:.0f} MB)   "
+          f"peak RSS corpus -> corpus x2: {summary['peak_rss_mb_full']:.0f} -> {summary['peak_rss_mb_doubled']:.0f} MB "
+          f"(anonymous {summary['peak_anon_mb_full']:.0f} -> {summary['peak_anon_mb_doubled']:.0f} MB)   "
           f"load average before/after: {load0[0]:.1f}/{summary['loadavg_after'][0]:.1f} on {os.cpu_count()} CPUs")
     print(json.dumps({"bench": "data_prep", "rows": rows, **summary}))
 
