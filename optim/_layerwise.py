@@ -100,6 +100,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._last_trust: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._bucket_cache: dict[int, tuple] = {}
         self._warned: set[str] = set()
+        self._skip_steps_during_wrap = False  # set by optim.initialize around deepspeed.initialize
 
     # -- wiring by optim.zero for DeepSpeed's flattening wrappers ------------------------------
     def attach_layouts(self, layouts: dict[int, FlatLayout], names: list[str],
@@ -140,6 +141,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     # -- the step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
+        if self._skip_steps_during_wrap:
+            # DeepSpeed's fp16/bf16 wrapper without ZeRO primes optimizer state with a step on
+            # zero gradients while the engine is built. For LAMB that step is not harmless
+            # (u = λw gives w ← w − lr·w), so it is skipped; state is created at the first real step.
+            return None
         loss = None
         if closure is not None:
             with torch.enable_grad():

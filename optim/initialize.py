@@ -99,7 +99,14 @@ def initialize(model=None, config: Union[str, Path, dict, None] = None, model_pa
         kwargs["optimizer"] = optimizer
         if scheduler is not None:
             kwargs["lr_scheduler"] = scheduler
-        engine, opt, loader, sched = deepspeed.initialize(model=model, config=cfg, **kwargs)
+        layerwise = isinstance(optimizer, LayerwiseOptimizer)
+        if layerwise:
+            optimizer._skip_steps_during_wrap = True
+        try:
+            engine, opt, loader, sched = deepspeed.initialize(model=model, config=cfg, **kwargs)
+        finally:
+            if layerwise:
+                optimizer._skip_steps_during_wrap = False
     else:
         if opt_type is not None:
             from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS

@@ -2,11 +2,12 @@
 
 ZeRO stage 1/2 (``DeepSpeedZeroOptimizer``) and the bf16 optimizer (``BF16_Optimizer``) give
 the inner optimizer one flat fp32 partition per param group and rank, and link every model
-parameter to its fragment there (``param._hp_mapping``). The fp16/bf16 optimizer of stage 0
-(``FP16_Optimizer``) keeps one whole flat tensor per group and no links; its layout is the
-concatenation order. From either we build, per flat tensor, the segments of each model tensor
-(:class:`optim._layout.FlatLayout`) and hand them to the optimizer, which then reduces per-tensor
-sums of squares across the data-parallel group (one collective per param group and step).
+parameter to its fragment there (``param._hp_mapping``). From those links we build, per flat
+tensor, the segments of each model tensor (:class:`optim._layout.FlatLayout`) and hand them to
+the optimizer, which then reduces per-tensor sums of squares across the data-parallel group
+(one collective per param group and step). Without ZeRO, fp16/bf16 training wraps non-fused
+optimizers in ``FP16_UnfusedOptimizer``, which keeps one fp32 copy per model tensor: each copy
+is a whole tensor, and only its name must be mapped.
 """
 from __future__ import annotations
 
@@ -57,40 +58,40 @@ def attach(engine) -> bool:
     named = list(engine.module.named_parameters())
     names = [n for n, _ in named]
     key_of = {id(p): k for k, (_, p) in enumerate(named)}
-    flats = [g["params"][0] for g in basic.param_groups]
-    if any(len(g["params"]) != 1 for g in basic.param_groups):
-        raise ZeroLayoutError(f"unexpected wrapper {type(wrapper).__name__}: param groups are not flat")
-
-    segments: dict[int, list[tuple[int, int, int]]] = {i: [] for i in range(len(flats))}
-    group_keys: dict[int, list[int]] = {i: [] for i in range(len(flats))}
+    n_groups = len(basic.param_groups)
+    segments: dict[int, list[tuple[int, int, int]]] = {i: [] for i in range(n_groups)}
+    group_keys: dict[int, list[int]] = {i: [] for i in range(n_groups)}
     linked = [p for _, p in named if getattr(p, "_hp_mapping", None) is not None]
     lp_groups = _lp_groups(wrapper)
     if lp_groups is not None:
         for i, lps in enumerate(lp_groups):
             group_keys[i] = [key_of[id(p)] for p in lps if id(p) in key_of]
 
-    if linked or hasattr(wrapper, "single_partition_of_fp32_groups"):
-        partitioned = True
-        ptr_to_group = {_storage_ptr(f): i for i, f in enumerate(flats)}
-        for p in linked:
-            frag = p._hp_mapping
-            hp = frag.hp_fragment
-            i = ptr_to_group.get(_storage_ptr(hp))
-            if i is None:
-                raise ZeroLayoutError(f"parameter {names[key_of[id(p)]]}: fragment not in any flat partition")
-            start = (hp.data_ptr() - flats[i].data_ptr()) // hp.element_size()
-            segments[i].append((key_of[id(p)], int(start), hp.numel()))
-    elif lp_groups is not None and hasattr(wrapper, "fp32_groups_flat"):
-        partitioned = False  # FP16_Optimizer: every rank holds the whole flat tensor
-        for i, lps in enumerate(lp_groups):
-            offset = 0
-            for p in lps:
-                segments[i].append((key_of[id(p)], offset, p.numel()))
-                offset += p.numel()
-    else:
+    if hasattr(wrapper, "fp32_groups") and lp_groups is not None and not linked:
+        # FP16_UnfusedOptimizer: fp32_groups[i][j] is the full-precision copy of lp_groups[i][j].
+        layouts = {}
+        for fp32s, lps in zip(wrapper.fp32_groups, lp_groups):
+            for hp, lp in zip(fp32s, lps):
+                layouts[id(hp)] = FlatLayout(keys=[key_of[id(lp)]], starts=[0], lengths=[hp.numel()])
+        keys_by_group = {id(g["params"][0]): [key_of[id(lp)] for lp in lps]
+                         for g, lps in zip(basic.param_groups, lp_groups) if g["params"]}
+        basic.attach_layouts(layouts, names, keys_by_group)  # whole tensors: norms are local
+        return True
+    if not (linked or hasattr(wrapper, "single_partition_of_fp32_groups")):
         raise ZeroLayoutError(
             f"{type(basic).__name__}: cannot find the tensor layout inside DeepSpeed's "
             f"{type(wrapper).__name__}; refusing to compute trust ratios over flat partitions")
+    flats = [g["params"][0] for g in basic.param_groups]
+    if any(len(g["params"]) != 1 for g in basic.param_groups):
+        raise ZeroLayoutError(f"unexpected wrapper {type(wrapper).__name__}: param groups are not flat")
+    ptr_to_group = {_storage_ptr(f): i for i, f in enumerate(flats)}
+    for p in linked:
+        hp = p._hp_mapping.hp_fragment
+        i = ptr_to_group.get(_storage_ptr(hp))
+        if i is None:
+            raise ZeroLayoutError(f"parameter {names[key_of[id(p)]]}: fragment not in any flat partition")
+        start = (hp.data_ptr() - flats[i].data_ptr()) // hp.element_size()
+        segments[i].append((key_of[id(p)], int(start), hp.numel()))
 
     layouts: dict[int, FlatLayout] = {}
     keys_by_group: dict[int, list[int]] = {}
@@ -98,7 +99,7 @@ def attach(engine) -> bool:
         segs = sorted(segments[i], key=lambda s: s[1])
         layouts[id(flat)] = FlatLayout(
             keys=[s[0] for s in segs], starts=[s[1] for s in segs], lengths=[s[2] for s in segs],
-            process_group=_dp_group(wrapper, i) if partitioned else None, partitioned=partitioned)
+            process_group=_dp_group(wrapper, i), partitioned=True)
         keys_by_group[id(flat)] = group_keys[i] or [s[0] for s in segs]
     basic.attach_layouts(layouts, names, keys_by_group, global_grad_norm_fn=lambda: _global_norm(wrapper))
     return True

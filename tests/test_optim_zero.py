@@ -23,12 +23,15 @@ from tests.distributed.tiny_bert import batches, make_model
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORKER = Path(__file__).parent / "distributed" / "zero_equivalence.py"
-LAMB = {"type": "Lamb", "params": {"lr": 0.02, "weight_decay": 0.01, "variant": "nvidia"}}
+# max_grad_norm well below the gradient norm, so the global-norm pre-clipping (which must see
+# every rank's gradients) is active at every step.
+LAMB = {"type": "Lamb", "params": {"lr": 0.02, "weight_decay": 0.01, "variant": "nvidia", "max_grad_norm": 0.05}}
 LAMB_DS = {"type": "Lamb", "params": {"lr": 0.02, "weight_decay": 0.01, "variant": "deepspeed", "max_coeff": 0.3}}
 LARS = {"type": "Lars", "params": {"lr": 0.5, "weight_decay": 0.01, "trust_coefficient": 0.01}}
 RUNS = [
     ["lamb_zero1", "zero1", LAMB], ["lamb_zero2", "zero2", LAMB], ["lamb_naive_zero2", "naive_zero2", LAMB],
-    ["lamb_bf16_zero1", "bf16_zero1", LAMB], ["lamb_bf16_zero2", "bf16_zero2", LAMB],
+    ["lamb_bf16_zero0", "bf16_zero0", LAMB], ["lamb_bf16_zero1", "bf16_zero1", LAMB],
+    ["lamb_bf16_zero2", "bf16_zero2", LAMB],
 ["lamb_zero3", "zero3", LAMB],
     ["lamb_resume_zero2", "resume_zero2", LAMB], ["lambds_zero2", "zero2", LAMB_DS], ["lars_zero2", "zero2", LARS], ["lars_naive_zero2", "naive_zero2", LARS],
 ]
@@ -102,7 +105,7 @@ def max_ratio_rel(ratios: dict, ref_ratios: dict) -> float:
     return max(abs(ratios[k] - r) / r for k, r in ref_ratios.items())
 
 
-@pytest.mark.parametrize("tag", ["lamb_bf16_zero1", "lamb_bf16_zero2"])
+@pytest.mark.parametrize("tag", ["lamb_bf16_zero0", "lamb_bf16_zero1", "lamb_bf16_zero2"])
 def test_zero_bf16_follows_fp32_trajectory(runs, tag):
     """bf16 weights differ from fp32 by rounding (2^-8 relative), so compare the whole model
     and the exact per-tensor trust ratios."""
@@ -119,6 +122,15 @@ def test_zero_checkpoint_resume_is_bitwise_identical(runs):
     assert resumed["losses"] == straight["losses"]
     for name, p in straight["params"].items():
         assert torch.equal(resumed["params"][name], p), name
+
+
+def test_preclipping_was_active(runs):
+    """The reference's global gradient norm exceeds max_grad_norm, so clipping mattered."""
+    model = make_model()
+    batch = batches()[0]
+    model(**batch).loss.backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert norm > 4 * LAMB["params"]["max_grad_norm"]
 
 
 def test_zero3_is_refused_with_a_clear_error(runs):
