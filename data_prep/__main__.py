@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 from .readers import FORMATS, DataPrepError
 
@@ -42,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="train on at most this many characters of input (a sample is enough for a vocab)")
     v.add_argument("--format", default="auto", choices=FORMATS, help="input format (auto: detect per file)")
     v.add_argument("--text-key", default="text", help="field/column holding the text for jsonl and hf inputs")
+    v.add_argument("--overwrite", action="store_true", help="replace a vocab trained on other inputs or options")
 
     b = sub.add_parser("build", formatter_class=fmt, help="preprocess a corpus into pretraining shards",
                        description="Tokenize the inputs once and write OUT/seq<L>/ for every --seq-lens value: "
@@ -109,11 +113,27 @@ def _vocab(a) -> int:
         raise DataPrepError("vocab: give --input and --output to train, or --check VOCAB to validate")
     from .readers import ReadStats, discover, iter_documents
 
-    units, skipped = discover(a.input, a.format)
+    units, skipped = discover(a.input, a.format, exclude=a.output)
     for s in skipped:
         print(f"data_prep: skipped {s['path']}: {s['reason']}", file=sys.stderr)
     if not units:
         raise DataPrepError("vocab: no usable input files")
+    # WordPiece training breaks frequency ties differently from run to run, so a rerun with the same
+    # inputs keeps the existing vocab (shards built with it stay valid) instead of training again.
+    stamp = {"inputs": [[u.label(), _fingerprint(u.path)] for u in units], "vocab_size": a.vocab_size,
+             "cased": a.cased, "min_frequency": a.min_frequency, "max_chars": a.max_chars, "format": a.format,
+             "text_key": a.text_key}
+    stamp_file = Path(a.output) / "data_prep_vocab.json"
+    if (Path(a.output) / "vocab.txt").is_file():
+        old = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None
+        if old == stamp:
+            print(f"data_prep: {a.output} already holds a vocab trained on these inputs; nothing to do",
+                  file=sys.stderr)
+            print(describe(load_vocab(a.output)))
+            return 0
+        if not a.overwrite:
+            raise DataPrepError(f"{a.output} already holds a vocab trained on other inputs or options; "
+                                f"choose a new --output or pass --overwrite")
     budget = [a.max_chars if a.max_chars else float("inf")]
 
     def texts():
@@ -127,8 +147,24 @@ def _vocab(a) -> int:
                     yield para
 
     v = train_vocab(texts(), a.output, vocab_size=a.vocab_size, lowercase=not a.cased, min_frequency=a.min_frequency)
+    stamp_file.write_text(json.dumps(stamp, indent=1) + "\n")
     print(describe(v))
     return 0
+
+
+def _fingerprint(path: str) -> str:
+    """Size plus a hash of the first and last MiB: notices changed inputs without reading GBs."""
+    p = Path(path)
+    if p.is_dir():  # a datasets directory: its state file names the arrow files and their fingerprint
+        p = p / "state.json" if (p / "state.json").is_file() else p / "dataset_dict.json"
+    size = p.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(p, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return h.hexdigest()[:24]
 
 
 def _build(a) -> int:
@@ -147,8 +183,6 @@ def _build(a) -> int:
 
 
 def _inspect(a) -> int:
-    import json
-
     from transformers import BertTokenizerFast
 
     from .dataset import PretrainingDataset

@@ -81,5 +81,8 @@ def write_corpus(out_dir: str | os.PathLike, max_bytes: int = 4_000_000) -> Path
                 break
             f.write(text)
             size += n
-    os.replace(tmp, target)
+    if target.is_file() and target.read_bytes() == tmp.read_bytes():
+        tmp.unlink()  # unchanged: keep the file's mtime, so a later build sees nothing new to do
+    else:
+        os.replace(tmp, target)
     return target

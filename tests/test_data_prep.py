@@ -465,6 +465,16 @@ def test_train_vocab_then_build_on_the_embedded_corpus(tmp_path):
         "--shards", "2", "--no-progress", check=True)
     shown = cli("inspect", tmp_path / "o" / "seq128", "--samples", "1", check=True).stdout
     assert "[CLS]" in shown and "[SEP]" in shown and "[MASK]" in shown
+    # the same three commands again (a second `./launch.sh demo`): nothing is redone, nothing fails
+    vocab_before = (tmp_path / "v" / "vocab.txt").read_bytes()
+    cli("embedded-corpus", tmp_path / "emb", "--max-bytes", "400000", check=True)
+    again = cli("vocab", "--input", tmp_path / "emb", "--output", tmp_path / "v", "--vocab-size", "3000", check=True)
+    assert "nothing to do" in again.stderr and (tmp_path / "v" / "vocab.txt").read_bytes() == vocab_before
+    again = cli("build", "--input", tmp_path / "emb", "--vocab", tmp_path / "v", "--output", tmp_path / "o",
+                "--shards", "2", "--no-progress", check=True)
+    assert "nothing to do" in again.stderr
+    other = cli("vocab", "--input", tmp_path / "emb", "--output", tmp_path / "v", "--vocab-size", "2500")
+    assert other.returncode == 2 and "--overwrite" in other.stderr
 
 
 # --------------------------------------------------------------------------- reader API
