@@ -129,7 +129,8 @@ def bench(kind: str, steps: int, include_loop: bool) -> dict:
     }
     if include_loop:
         opts["LAMB loop (ours)"] = optim.Lamb(params, lr=lr, impl="loop")
-    for label, cls in third_party().items():
+    third = third_party()
+    for label, cls in third.items():
         opts[label] = cls(params, lr=lr)
     zero_opts, part = zero_layout_optimizers(shapes, lr)
     opts.update(zero_opts)
@@ -147,7 +148,7 @@ def bench(kind: str, steps: int, include_loop: bool) -> dict:
     med["LAMB memory bound (10x4 B/param)"] = 10 * 4 * n / bw * 1e3
     med["AdamW memory bound (7x4 B/param)"] = 7 * 4 * n / bw * 1e3
     return {"model": kind, "params": n, "zero_partition_params": part, "copy_GBps": bw / 1e9,
-            "median_ms": med}
+            "median_ms": med, "third_party": sorted(third)}
 
 
 def main() -> None:
@@ -168,8 +169,7 @@ def main() -> None:
         print(f"{'optimizer':52s} {'ms/step':>9s} {'vs AdamW fused':>15s}")
         for label, ms in sorted(med.items(), key=lambda kv: kv[1]):
             print(f"{label:52s} {ms:9.1f} {ms / med['AdamW fused (torch)']:14.2f}x")
-        third = [v for k, v in med.items() if "(ours)" not in k and "torch" not in k.split()[-1]
-                 and "Lamb" in k and "bound" not in k]
+        third = [med[k] for k in r["third_party"]]
         summary = {
             "lamb_fused_vs_adamw_fused": med["LAMB fused (ours)"] / med["AdamW fused (torch)"],
             "fastest_third_party_vs_lamb_fused": (min(third) / med["LAMB fused (ours)"]) if third else None,

@@ -30,24 +30,34 @@ typedef struct {
          ((EPS_INSIDE) ? sqrtf((v) * (h)->inv_bc2 + (h)->eps) : sqrtf((v) * (h)->inv_bc2) + (h)->eps) + \
      (h)->weight_decay * (w))
 
+/* Sums of squares: float lanes over chunks of CHUNK elements (fast, and ~16 terms per lane, so
+ * the rounding error stays near 1e-7), chunk sums added in double. */
+#define CHUNK 256
+
 #define LAMB_PASS1_LOOP(EPS_INSIDE)                                                           \
-    _Pragma("omp simd reduction(+ : w2, u2)")                                                \
-    for (int64_t i = 0; i < n; ++i) {                                                        \
-        const float gi = gb[i] * gs;                                                         \
-        const float mi = b1 * mb[i] + c1 * gi;                                               \
-        const float vi = b2 * vb[i] + c2 * gi * gi;                                          \
-        mb[i] = mi;                                                                          \
-        vb[i] = vi;                                                                          \
-        const float u = LAMB_UPDATE(mi, vi, wb[i], h, EPS_INSIDE);                           \
-        w2 += (double)wb[i] * wb[i];                                                         \
-        u2 += (double)u * u;                                                                 \
+    for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {                                              \
+        const int64_t c1 = c0 + CHUNK < n ? c0 + CHUNK : n;                                  \
+        float fw2 = 0.0f, fu2 = 0.0f;                                                        \
+        _Pragma("omp simd reduction(+ : fw2, fu2)")                                          \
+        for (int64_t i = c0; i < c1; ++i) {                                                  \
+            const float gi = gb[i] * gs;                                                     \
+            const float mi = b1 * mb[i] + c1f * gi;                                          \
+            const float vi = b2 * vb[i] + c2f * gi * gi;                                     \
+            mb[i] = mi;                                                                      \
+            vb[i] = vi;                                                                      \
+            const float u = LAMB_UPDATE(mi, vi, wb[i], h, EPS_INSIDE);                       \
+            fw2 += wb[i] * wb[i];                                                            \
+            fu2 += u * u;                                                                    \
+        }                                                                                    \
+        w2 += fw2;                                                                           \
+        u2 += fu2;                                                                           \
     }
 
 void lamb_pass1(int64_t nblk, const int64_t *blk_tensor, const int64_t *blk_start,
                 const int64_t *blk_len, float *const *w, const float *const *g, float *const *m,
                 float *const *v, double *blk_w2, double *blk_u2, const lamb_hparams *h,
                 int nthreads) {
-    const float b1 = h->beta1, b2 = h->beta2, c1 = h->one_minus_beta1, c2 = h->one_minus_beta2;
+    const float b1 = h->beta1, b2 = h->beta2, c1f = h->one_minus_beta1, c2f = h->one_minus_beta2;
     const float gs = h->grad_scale;
     const int eps_inside = h->eps_inside_sqrt;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
@@ -66,7 +76,8 @@ void lamb_pass1(int64_t nblk, const int64_t *blk_tensor, const int64_t *blk_star
     }
 }
 
-/* w += scale * u, with scale = -(step size) * (trust ratio) of the block's tensor. */
+/* w += scale * u, with scale = -(step size) * (trust ratio) of the block's tensor.
+ * (Reciprocal-estimate square roots under fast-math measured 7% slower here than sqrt + div.) */
 void lamb_pass2(int64_t nblk, const int64_t *blk_tensor, const int64_t *blk_start,
                 const int64_t *blk_len, float *const *w, float *const *m, float *const *v,
                 const float *blk_scale, const lamb_hparams *h, int nthreads) {
@@ -95,11 +106,17 @@ void sumsq2(int64_t nblk, const int64_t *blk_tensor, const int64_t *blk_start,
         const int64_t t = blk_tensor[b], s = blk_start[b], n = blk_len[b];
         const float *ab = a[t] + s, *cb = c[t] + s;
         double a2 = 0.0, c2 = 0.0;
-#pragma omp simd reduction(+ : a2, c2)
-        for (int64_t i = 0; i < n; ++i) {
-            const float ci = cb[i] * c_scale;
-            a2 += (double)ab[i] * ab[i];
-            c2 += (double)ci * ci;
+        for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
+            const int64_t c1 = c0 + CHUNK < n ? c0 + CHUNK : n;
+            float fa2 = 0.0f, fc2 = 0.0f;
+#pragma omp simd reduction(+ : fa2, fc2)
+            for (int64_t i = c0; i < c1; ++i) {
+                const float ci = cb[i] * c_scale;
+                fa2 += ab[i] * ab[i];
+                fc2 += ci * ci;
+            }
+            a2 += fa2;
+            c2 += fc2;
         }
         blk_a2[b] = a2;
         blk_c2[b] = c2;
