@@ -20,10 +20,15 @@ def single_process_group():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    for k, v in env.items():
-        os.environ.setdefault(k, v)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     deepspeed.init_distributed(dist_backend="gloo")
     yield
+    for k, v in saved.items():  # later tests launch their own ranks; do not leak rank 0 of 1 to them
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def model():

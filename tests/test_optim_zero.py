@@ -67,7 +67,9 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
            str(free_port()), str(WORKER), "--out", str(out), "--runs", json.dumps(RUNS)]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    rank_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in rank_vars}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out

@@ -29,8 +29,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    """The launchers (and mpi4py discovery) must decide ranks, not variables left by this process."""
+    base = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+    return dict(base, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
 def run(cmd: list[str], cwd: Path, expect: int = 0) -> str:
