@@ -1,11 +1,16 @@
 """Loading the encoder to fine-tune: one entry point, ``load_model(path)``.
 
-Today it accepts a Hugging Face directory (``config.json`` + weights + tokenizer files), such as
-``pretrain.export`` is to write. A DeepSpeed pretraining checkpoint is recognised and refused with
-a message; its branch belongs here once the pretraining code exists (issue 4).
+It accepts a Hugging Face directory (``config.json`` + weights + tokenizer files), such as
+``pretrain.export`` writes, or a pretraining DeepSpeed checkpoint written by ``pretrain/run.py``
+(a run directory, its ``checkpoints`` directory, or one checkpoint), which is exported to a
+temporary Hugging Face directory first (fp32 weights merged from the ZeRO partitions, and the
+tokenizer recorded at pretraining time).
 """
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from pathlib import Path
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
@@ -18,8 +23,26 @@ class CheckpointError(ValueError):
 
 
 def _looks_like_deepspeed(path: Path) -> bool:
-    return ((path / "latest").is_file() or any(path.glob("global_step*"))
-            or any(path.glob("mp_rank_*_model_states.pt")))
+    return ((path / "latest").is_file() or (path / "checkpoints" / "latest").is_file()
+            or any(path.glob("global_step*")) or any(path.glob("mp_rank_*_model_states.pt")))
+
+
+def export_deepspeed(path: Path) -> Path:
+    """A temporary Hugging Face export of a pretraining checkpoint (removed at exit)."""
+    from pretrain.export import export
+
+    tmp = Path(tempfile.mkdtemp(prefix="finetune_ckpt_"))
+    atexit.register(shutil.rmtree, tmp, True)
+    try:
+        out = export(path, tmp / "hf")
+    except (FileNotFoundError, ValueError) as exc:
+        raise CheckpointError(f"{path}: looks like a DeepSpeed checkpoint but cannot be exported ({exc}); "
+                              "checkpoints written by pretrain/run.py are supported, others can be "
+                              "converted with `python -m pretrain.export` first") from None
+    if not any((out / t).is_file() for t in TOKENIZER_FILES):
+        raise CheckpointError(f"{path}: the tokenizer recorded at pretraining time is not available; "
+                              "run `python -m pretrain.export CKPT OUT --vocab VOCAB_DIR` and pass OUT")
+    return out
 
 
 def check_hf_dir(path: str | Path) -> Path:
@@ -30,11 +53,6 @@ def check_hf_dir(path: str | Path) -> Path:
                 f"({' or '.join(TOKENIZER_FILES)})")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; {expected}")
-    if _looks_like_deepspeed(path):
-        raise CheckpointError(
-            f"{path}: this looks like a DeepSpeed pretraining checkpoint; loading those directly "
-            f"is not implemented yet (needs the pretrain package) -- export it to a Hugging Face "
-            f"directory first; {expected}")
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
@@ -52,6 +70,9 @@ def load_model(path: str | Path):
     its fast tokenizer (offsets are needed to map answers back to characters)."""
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
+    path = Path(path)
+    if path.is_dir() and _looks_like_deepspeed(path):
+        path = export_deepspeed(path)
     path = check_hf_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.is_fast:

@@ -37,7 +37,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "squad.jso
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="Hugging Face model directory")
+    ap.add_argument("--checkpoint", required=True,
+                    help="Hugging Face model directory, or a pretraining run/checkpoint dir of pretrain/run.py")
     ap.add_argument("--train-file", help="SQuAD JSON to fine-tune on (omit to only predict)")
     ap.add_argument("--predict-file", help="SQuAD JSON to predict (scored when it has answers)")
     ap.add_argument("--output", required=True, help="directory for predictions and metrics")

@@ -182,7 +182,7 @@ def test_checkpoint_errors_say_what_was_expected(tmp_path):
     ds = tmp_path / "ds"
     (ds / "global_step100").mkdir(parents=True)
     (ds / "latest").write_text("global_step100")
-    with pytest.raises(CheckpointError, match="DeepSpeed pretraining checkpoint"):
+    with pytest.raises(CheckpointError, match="looks like a DeepSpeed checkpoint but cannot be exported"):
         load_model(ds)
 
 

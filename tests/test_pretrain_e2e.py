@@ -148,6 +148,18 @@ def test_phase2_then_export_reproduces_mlm_loss(phase1):
     AutoModelForQuestionAnswering.from_pretrained(hf_dir)  # loads as an encoder for SQuAD
 
 
+def test_finetune_loads_the_deepspeed_checkpoint_directly(phase1):
+    """finetune.checkpoint.load_model(run dir) = the checkpoint's fp32 encoder + a fresh QA head."""
+    from finetune.checkpoint import load_model
+
+    model, tokenizer = load_model(phase1 / "straight")
+    want = weights(phase1 / "straight", 6)
+    got = model.state_dict()
+    for name in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.1.output.dense.weight"):
+        assert torch.equal(got[name], want[name]), name
+    assert tokenizer.is_fast and tokenizer.vocab_size == 2000
+
+
 def test_bad_data_dir_fails_before_launching_ranks(work):
     out = run([sys.executable, str(RUN), *PHASE1[:2], "--data", "data", "--output", "x"], work, expect=2)
     assert "not a data_prep seq-len directory" in out and "seq128" in out
