@@ -150,8 +150,14 @@ def main(argv=None) -> int:
     # -- engine: DeepSpeed + our optimizer and schedule (optim.initialize) --------------------
     engine, _, _, _ = optim.initialize(model=model, config=ds_cfg)
     if init_kind == "deepspeed" and cfg.init_optimizer_state == "keep":
-        engine.load_checkpoint(str(init_ckpt_dir), tag=init_tag, load_optimizer_states=True,
-                               load_lr_scheduler_states=False)
+        try:
+            engine.load_checkpoint(str(init_ckpt_dir), tag=init_tag, load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
+        except (RuntimeError, ValueError, KeyError, AssertionError) as exc:
+            raise config_mod.ConfigError(
+                f"cannot restore the optimizer state of {init_ckpt_dir / init_tag} ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); ZeRO partitions the state by rank, so phase 2 must keep phase 1's "
+                "world size and ZeRO stage, or set pretrain.init_optimizer_state to \"reset\"") from None
         engine.global_steps = engine.global_samples = engine.skipped_steps = 0  # new phase, new count
 
     train_ds, val_ds = data_mod.datasets(info, cfg)
