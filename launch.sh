@@ -181,8 +181,9 @@ cmd_demo() {
     py -m data_prep build --input "$out/corpus" --vocab "$out/vocab" --output "$out/data" --seq-lens 128,512 \
         --shards 4 --no-progress
     log "4/6 phase 1 (seq 128) then phase 2 (seq 512): bert-tiny, LAMB, ZeRO-2, bf16, 2 processes"
+    # --resume: a second demo continues (here: finds both phases finished) instead of starting over
     cmd_pretrain --config1 ds_configs/cpu_seq128.json --config2 ds_configs/cpu_seq512.json \
-        --data-dir "$out/data" --output-dir "$out" "$@"
+        --data-dir "$out/data" --output-dir "$out" --resume "$@"
     log "5/6 export to a Hugging Face model directory"
     py -m pretrain.export "$out/phase2" "$out/hf"
     local squad_note="SQuAD skipped: set SQUAD_DIR to a directory with train-v1.1*.json and dev-v1.1*.json"

@@ -21,6 +21,7 @@ class MetricsLogger:
         self.writer = None
         if enabled:
             output.mkdir(parents=True, exist_ok=True)
+            self._truncate_after(start_step)
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -29,6 +30,16 @@ class MetricsLogger:
                 except ImportError:
                     print("metrics: tensorboard is not installed; TensorBoard logs are off", flush=True)
         self._t0 = time.perf_counter()
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop records past ``step``: a resumed run logs those steps again (a fresh run: all)."""
+        if not self.path.is_file():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.path)
 
     def restart_clock(self) -> None:
         self._t0 = time.perf_counter()

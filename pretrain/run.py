@@ -135,7 +135,11 @@ def main(argv=None) -> int:
         output.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(output / "config.effective.json",
                                      json.dumps(config_mod.effective(ds_cfg, cfg), indent=1))
-    resuming = args.resume and checkpoint.latest_tag(output / "checkpoints") is not None
+    existing = checkpoint.latest_tag(output / "checkpoints")
+    if existing and not args.resume:
+        raise config_mod.ConfigError(f"{output} already holds checkpoints (latest {existing}); pass --resume to "
+                                     "continue that run, or choose another --output")
+    resuming = args.resume and existing is not None
     if args.resume and not resuming and is_main:
         print(f"--resume: no checkpoint in {output / 'checkpoints'}; starting from step 0", flush=True)
 

@@ -160,6 +160,11 @@ def test_finetune_loads_the_deepspeed_checkpoint_directly(phase1):
     assert tokenizer.is_fast and tokenizer.vocab_size == 2000
 
 
+def test_existing_run_is_not_overwritten_without_resume(phase1):
+    out = run([sys.executable, str(RUN), *PHASE1, "--output", "straight"], phase1, expect=2)
+    assert "straight already holds checkpoints (latest step0000006); pass --resume" in out
+
+
 def test_bad_data_dir_fails_before_launching_ranks(work):
     out = run([sys.executable, str(RUN), *PHASE1[:2], "--data", "data", "--output", "x"], work, expect=2)
     assert "not a data_prep seq-len directory" in out and "seq128" in out

@@ -121,3 +121,14 @@ def test_masked_position_head_equals_full_projection():
              attention_mask=batch["attention_mask"], labels=labels, next_sentence_label=batch["next_sentence_label"])
     torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-5, atol=1e-5)
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in hf.named_parameters()]
+
+
+def test_metrics_log_drops_records_a_resumed_run_repeats(tmp_path):
+    from pretrain.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, enabled=True, tensorboard=False, start_step=0)
+    for step in (1, 2, 3, 4):
+        log.log({"step": step, "eval_mlm_loss": float(step)})
+    MetricsLogger(tmp_path, enabled=True, tensorboard=False, start_step=2)  # resume from step 2
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
