@@ -522,16 +522,19 @@ def _run(pool: ProcessPoolExecutor, fn, jobs, bar, live=None) -> None:
                 bar.set_postfix_str(f"{live[0] / dt:,.0f} docs/s, {live[1] / dt:,.0f} tokens/s", refresh=False)
             bar.update(len(done))
     except KeyboardInterrupt:
-        # workers ignore SIGINT; stop them now rather than let them finish their files
+        # Workers ignore SIGINT; stop them now rather than let them finish their files. The futures
+        # are left alone: the pool marks them broken itself, and cancelling them first makes
+        # Python 3.11's executor thread fail with InvalidStateError (a traceback on Ctrl-C).
         for proc in list(getattr(pool, "_processes", {}).values()):
             proc.terminate()
         raise
     except BrokenProcessPool:
         raise DataPrepError("a worker process died (killed, or out of memory?); finished pieces are kept: "
                             "rerun the same command to resume") from None
-    finally:
-        for f in futures:
+    except BaseException:
+        for f in futures:  # a worker's error: drop the jobs not started yet
             f.cancel()
+        raise
 
 
 def build(cfg: BuildConfig) -> dict[int, dict]:
