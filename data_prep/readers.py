@@ -346,11 +346,16 @@ def _iter_jsonl(unit: Unit, f, b: _DocBuilder, stats: ReadStats, key: str):
             what = "has no" if not isinstance(rec, dict) or key not in rec else "has a non-string"
             stats.warn(f"{unit.path}:{lineno}: record {what} {key!r} field; record skipped")
             continue
-        for para in text.split("\n"):
-            if doc := b.add(para):
-                yield doc
-        if doc := b.end():
+        yield from _text_documents(b, text)
+
+
+def _text_documents(b: "_DocBuilder", text: str):
+    """Documents of one record's text (a record is one document; lines are paragraphs)."""
+    for para in text.split("\n"):
+        if doc := b.add(para):
             yield doc
+    if doc := b.end():
+        yield doc
 
 
 def _iter_hf(unit: Unit, b: _DocBuilder, key: str):
@@ -367,8 +372,4 @@ def _iter_hf(unit: Unit, b: _DocBuilder, key: str):
             if not isinstance(text, str):
                 b.stats.bad_records += 1
                 continue
-            for para in text.split("\n"):
-                if doc := b.add(para):
-                    yield doc
-            if doc := b.end():
-                yield doc
+            yield from _text_documents(b, text)

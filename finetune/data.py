@@ -48,16 +48,21 @@ def _get(obj, key, typ, where, path):
     return value
 
 
-def read_squad(path: str | Path) -> SquadFile:
-    """Parse a SQuAD file; raise :class:`SquadFormatError` naming file and location on bad layout."""
-    path = Path(path)
+def load_json(path: Path):
+    """The parsed JSON of ``path``; a missing or non-JSON file is a :class:`SquadFormatError`."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
         raise SquadFormatError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SquadFormatError(f"{path}: not a JSON file ({e})") from None
+
+
+def read_squad(path: str | Path) -> SquadFile:
+    """Parse a SQuAD file; raise :class:`SquadFormatError` naming file and location on bad layout."""
+    path = Path(path)
+    raw = load_json(path)
     articles = _get(raw, "data", list, "top level", path)
     examples: list[Example] = []
     seen: dict[str, str] = {}

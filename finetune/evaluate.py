@@ -27,7 +27,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from finetune.data import Example, SquadFormatError, read_squad
+from finetune.data import Example, SquadFormatError, load_json, read_squad
 
 _PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -147,13 +147,7 @@ def best_null_threshold(examples: list[Example], answers: dict[str, str],
 
 def read_predictions(path: str | Path) -> dict[str, str]:
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            preds = json.load(f)
-    except FileNotFoundError:
-        raise SquadFormatError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SquadFormatError(f"{path}: not a JSON file ({e})") from None
+    preds = load_json(path)
     if not isinstance(preds, dict):
         raise SquadFormatError(f"{path}: predictions should be a JSON object mapping question id "
                                f"to answer text, got {type(preds).__name__}")
