@@ -97,7 +97,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 self._group_keys[id(group["params"][0])] = keys
         self._num_keys = len(self._names)
         self._global_grad_norm_fn: Optional[Callable[[], object]] = None
-        self._last_trust: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last_trust: dict[int, tuple[list[int], torch.Tensor]] = {}  # first tensor -> (keys, ratios)
         self._bucket_cache: dict[int, tuple] = {}
         self._warned: set[str] = set()
         self._skip_steps_during_wrap = False  # set by optim.initialize around deepspeed.initialize

@@ -19,6 +19,7 @@ u = m̂/(√v̂+ε) + λw (ε inside the root with ``eps_inside_sqrt``), r = ‖
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Optional
 
@@ -100,8 +101,7 @@ class Lamb(LayerwiseOptimizer):
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             if not grads:
                 return None
-            norms = [torch.linalg.vector_norm(n.to(torch.float64))
-                     for n in torch._foreach_norm(grads)] if grads else []
+            norms = [torch.linalg.vector_norm(n.to(torch.float64)) for n in torch._foreach_norm(grads)]
             device = grads[0].device
             norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
         return 1.0 / torch.clamp(norm / max_norms.pop(), min=1.0)
@@ -263,8 +263,6 @@ def _native_hparams(hp, gscale) -> _native.LambHparams:
 
 def _pass1_native(b: Bucket, ws, gs, ms, vs, hp, gscale):
     """C/OpenMP: moments updated and sums taken in one sweep; u is not stored (recomputed)."""
-    import ctypes
-
     plan = b.block_plan()
     sums = torch.empty(2, plan.nblk, dtype=torch.float64)
     ptrs = [_native.pointers(x) for x in (ws, gs, ms, vs)]
@@ -275,8 +273,6 @@ def _pass1_native(b: Bucket, ws, gs, ms, vs, hp, gscale):
 
 
 def _pass2_native(b: Bucket, ws, ms, vs, hp, scaled_ratio):
-    import ctypes
-
     plan = b.block_plan()
     blk_scale = scaled_ratio.to(torch.float32).index_select(0, plan.key)
     h = _native_hparams(hp, None)

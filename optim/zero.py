@@ -115,5 +115,4 @@ def _lp_groups(wrapper) -> Optional[list[list[torch.Tensor]]]:
 
 def _global_norm(wrapper):
     """The unclipped global gradient norm (all ranks, all groups) the wrapper computed this step."""
-    norm = getattr(wrapper, "_global_grad_norm", None)
-    return norm
+    return getattr(wrapper, "_global_grad_norm", None)
