@@ -82,12 +82,13 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    lib.lamb_pass1.argtypes = [i64, p, p, p, p, p, p, p, p, p, ctypes.POINTER(LambHparams), ctypes.c_int]
+    lib.lamb_pass1.argtypes = [i64, p, p, p, p, p, p, p, p, p, p, ctypes.POINTER(LambHparams), ctypes.c_int]
     lib.lamb_pass2.argtypes = [i64, p, p, p, p, p, p, p, ctypes.POINTER(LambHparams), ctypes.c_int]
+    lib.lamb_apply.argtypes = [i64, p, p, p, p, p, p, ctypes.c_int]
     lib.sumsq2.argtypes = [i64, p, p, p, p, p, p, p, ctypes.c_float, ctypes.c_int]
     lib.lars_pass2.argtypes = [i64, p, p, p, p, p, p, p, ctypes.c_float, ctypes.c_float,
                                ctypes.c_float, ctypes.c_int]
-    for fn in (lib.lamb_pass1, lib.lamb_pass2, lib.sumsq2, lib.lars_pass2):
+    for fn in (lib.lamb_pass1, lib.lamb_pass2, lib.lamb_apply, lib.sumsq2, lib.lars_pass2):
         fn.restype = None
     return lib
 

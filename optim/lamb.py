@@ -67,13 +67,18 @@ class Lamb(LayerwiseOptimizer):
         lr, betas, eps, weight_decay: as in Adam/AdamW (decoupled weight decay inside u).
         variant: ``"paper"``, ``"nvidia"`` or ``"deepspeed"`` (see module docstring).
         impl: ``"loop"``, ``"foreach"``, ``"fused"`` or ``None`` (fastest that works here).
+        keep_grads: ``False`` (default) lets ``step()`` use each ``p.grad`` as scratch space for
+            the update direction, as apex's FusedLAMB does: the fused CPU step is then faster and
+            the multi-tensor one needs no model-sized buffer, but the gradients hold scratch
+            values after the step (DeepSpeed and the usual ``step(); zero_grad()`` loop discard
+            them anyway). ``True`` leaves gradients untouched.
         **knobs: ``bias_correction``, ``grad_pre_normalization``, ``max_grad_norm``,
             ``min_coeff``, ``max_coeff``, ``adapt_no_decay``, ``eps_inside_sqrt``.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, variant: str = "paper",
-                 impl: Optional[str] = None, **knobs) -> None:
+                 impl: Optional[str] = None, keep_grads: bool = False, **knobs) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"Lamb: lr, eps and weight_decay must be >= 0 (got {lr}, {eps}, {weight_decay})")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -81,6 +86,7 @@ class Lamb(LayerwiseOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         **_resolve_knobs(variant, knobs))
         self.variant = variant
+        self.keep_grads = bool(keep_grads)
         super().__init__(params, defaults, impl)
 
     # -- global gradient norm (nvidia pre-normalization) --------------------------------
@@ -137,15 +143,20 @@ class Lamb(LayerwiseOptimizer):
             vs = [self.state[p]["exp_avg_sq"] for p in ws]
             impl = self._choose_impl(ws + gs + ms + vs)
             gscale = None if grad_scale is None else grad_scale.to(ws[0].device, ws[0].dtype)
+            # u goes into the gradients when allowed and they match the weights (not, e.g.,
+            # bf16 gradients of fp32 weights), else the fused step recomputes it in pass 2 and
+            # the multi-tensor one keeps a buffer on the bucket.
+            scratch = None if self.keep_grads or not all(
+                g.dtype == w.dtype and g.shape == w.shape and g.is_contiguous() for g, w in zip(gs, ws)) else gs
             if impl == "fused":
-                sums, extra = _pass1_native(b, ws, gs, ms, vs, hp, gscale)
+                sums, extra = _pass1_native(b, ws, gs, ms, vs, hp, gscale, scratch)
             elif impl == "compiled":
                 # Step-dependent scalars as tensors, so the graph is compiled once, not per step.
                 hp_t = dict(hp, inv_bc1=torch.tensor(hp["inv_bc1"], device=ws[0].device),
                             inv_bc2=torch.tensor(hp["inv_bc2"], device=ws[0].device))
-                sums, extra = self._compiled_fn("lamb1", _pass1_foreach)(b, ws, gs, ms, vs, hp_t, gscale)
+                sums, extra = self._compiled_fn("lamb1", _pass1_foreach)(b, ws, gs, ms, vs, hp_t, gscale, scratch)
             elif impl == "foreach":
-                sums, extra = _pass1_foreach(b, ws, gs, ms, vs, hp, gscale)
+                sums, extra = _pass1_foreach(b, ws, gs, ms, vs, hp, gscale, scratch)
             else:
                 sums, extra = _pass1_loop(b, ws, gs, ms, vs, hp, gscale)
             runs.append((b, impl, ws, ms, vs, extra, sums))
@@ -163,7 +174,7 @@ class Lamb(LayerwiseOptimizer):
         scaled = ratio * -step_size
         for b, impl, ws, ms, vs, extra, _ in runs:
             if impl == "fused":
-                _pass2_native(b, ws, ms, vs, hp, scaled)
+                _pass2_native(b, ws, ms, vs, extra, scaled)
             else:
                 scale = scaled.index_select(0, b.seg_keys_tensor(scaled.device)).to(ws[0].device, ws[0].dtype)
                 if impl == "loop":
@@ -213,21 +224,25 @@ def _pass2_loop(b: Bucket, ws, us, scale):
             i += 1
 
 
-def _pass1_foreach(b: Bucket, ws, gs, ms, vs, hp, gscale):
+def _pass1_foreach(b: Bucket, ws, gs, ms, vs, hp, gscale, scratch=None):
     """Multi-tensor: the same math as ``_pass1_loop`` with one kernel per op over all tensors.
 
-    u is built in place in a scratch buffer kept on the bucket: a fresh model-sized temporary
-    every step costs page faults that double the step time on the CPU.
+    u is built in place, in ``scratch`` (the gradients, once the moments have used them) or in a
+    buffer kept on the bucket: a fresh model-sized temporary every step costs page faults that
+    double the step time on the CPU.
     """
     if gscale is not None:
-        gs = torch._foreach_mul(gs, gscale)
+        if scratch is not None:
+            torch._foreach_mul_(gs, gscale)
+        else:
+            gs = torch._foreach_mul(gs, gscale)
     torch._foreach_mul_(ms, hp["beta1"])
     torch._foreach_add_(ms, gs, alpha=1 - hp["beta1"])
     torch._foreach_mul_(vs, hp["beta2"])
     torch._foreach_addcmul_(vs, gs, gs, value=1 - hp["beta2"])
-    if b.scratch is None:
+    if scratch is None and b.scratch is None:
         b.scratch = [torch.empty_like(w) for w in ws]
-    us = b.scratch
+    us = scratch if scratch is not None else b.scratch
     torch._foreach_copy_(us, vs)
     torch._foreach_mul_(us, hp["inv_bc2"])
     if hp["eps_inside"]:
@@ -261,21 +276,30 @@ def _native_hparams(hp, gscale) -> _native.LambHparams:
         eps_inside_sqrt=int(hp["eps_inside"]))
 
 
-def _pass1_native(b: Bucket, ws, gs, ms, vs, hp, gscale):
-    """C/OpenMP: moments updated and sums taken in one sweep; u is not stored (recomputed)."""
+def _pass1_native(b: Bucket, ws, gs, ms, vs, hp, gscale, scratch):
+    """C/OpenMP: moments updated and sums taken in one sweep; u stored into ``scratch`` (the
+    gradients) when given, else recomputed by pass 2."""
     plan = b.block_plan()
     sums = torch.empty(2, plan.nblk, dtype=torch.float64)
     ptrs = [_native.pointers(x) for x in (ws, gs, ms, vs)]
+    u_ptrs = ptrs[1] if scratch is not None else None
     h = _native_hparams(hp, gscale)
-    _native.library().lamb_pass1(*plan.args(), *(p.ctypes.data for p in ptrs), sums[0].data_ptr(),
+    _native.library().lamb_pass1(*plan.args(), *(p.ctypes.data for p in ptrs),
+                                 None if u_ptrs is None else u_ptrs.ctypes.data, sums[0].data_ptr(),
                                  sums[1].data_ptr(), ctypes.byref(h), _native.num_threads())
-    return (sums, plan.key), h
+    return (sums, plan.key), (hp, scratch)
 
 
-def _pass2_native(b: Bucket, ws, ms, vs, hp, scaled_ratio):
+def _pass2_native(b: Bucket, ws, ms, vs, pass1_out, scaled_ratio):
+    hp, us = pass1_out
     plan = b.block_plan()
     blk_scale = scaled_ratio.to(torch.float32).index_select(0, plan.key)
+    lib = _native.library()
+    if us is not None:
+        ptrs = [_native.pointers(x) for x in (ws, us)]
+        lib.lamb_apply(*plan.args(), *(p.ctypes.data for p in ptrs), blk_scale.data_ptr(), _native.num_threads())
+        return
     h = _native_hparams(hp, None)
     ptrs = [_native.pointers(x) for x in (ws, ms, vs)]
-    _native.library().lamb_pass2(*plan.args(), *(p.ctypes.data for p in ptrs), blk_scale.data_ptr(),
-                                 ctypes.byref(h), _native.num_threads())
+    lib.lamb_pass2(*plan.args(), *(p.ctypes.data for p in ptrs), blk_scale.data_ptr(),
+                   ctypes.byref(h), _native.num_threads())

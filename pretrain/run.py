@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import signal
 import sys
 from dataclasses import asdict
@@ -126,7 +127,9 @@ def main(argv=None) -> int:
 
     import optim
 
-    deepspeed.init_distributed()
+    # A process started without a launcher binds DeepSpeed's default port unless told otherwise;
+    # honouring MASTER_PORT lets several single-process runs share a machine.
+    deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     world, rank = dist.get_world_size(), dist.get_rank()
     glob, micro, accum = config_mod.resolve_batch(ds_cfg, world, args.config)
     output = Path(cfg.output)

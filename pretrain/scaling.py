@@ -3,7 +3,7 @@
     python -m pretrain.scaling --config ds_configs/cpu_seq128.json --data data/seq128 \\
         --output runs/scaling --batch-sizes 128,512,2048 --optimizers lamb,lars,adamw \\
         --samples 262144 --base-batch 128 --lr lamb=6e-3,adamw=1e-3,lars=1.0 --lr-rule sqrt \\
-        [--lr-multipliers 0.5,1,2] [--warmup 0.1] [--np 2] [--target-loss 4.5]
+        [--lr-multipliers 0.5,1,2] [--warmup 0.1] [--np 2] [--parallel 1] [--target-loss 4.5]
 
 Every run is ``pretrain/run.py`` itself (same code, DeepSpeed engine, our optimizers), launched
 with the config's settings plus: the global batch, ``max_steps = samples / batch``, the learning
@@ -16,7 +16,12 @@ Held-out MLM loss is recorded at ``--eval-points`` points of each run, against s
 Results: ``OUTPUT/results.csv`` (every evaluation), ``OUTPUT/summary.json`` (per run: final
 held-out loss, steps and samples to ``--target-loss``, wall time), plots ``loss_vs_samples.png``
 and ``scaling.png``, and a table on stdout. A finished run (its ``result.json`` exists) is not run
-again: rerun the same command after an interruption, or in the background with ``nohup``.
+again: rerun the same command after an interruption, or in the background with ``nohup``; rerun
+with another ``--target-loss`` to recompute the summary without training.
+
+``--parallel N`` runs N runs at once, each with its share of the CPU threads and its own port:
+small models on few cores train more samples per second as several single-thread processes
+(measured on 2 cores, bert-tiny at seq 64: 2 x 255 samples/s against 400 for one process).
 """
 from __future__ import annotations
 
@@ -27,7 +32,9 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -78,11 +85,12 @@ def plan(args) -> list[RunSpec]:
     return specs
 
 
-def run_one(spec: RunSpec, args, out: Path) -> dict:
+def run_one(spec: RunSpec, args, out: Path, slot: int = 0) -> dict:
+    """Train one run (or read its stored result); ``slot`` picks its port when runs share the machine."""
     run_dir = out / spec.name
     done = run_dir / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        return with_target(json.loads(done.read_text()), args.target_loss)
     eval_every = max(1, spec.steps // args.eval_points)
     sets = {
         "optimizer": json.dumps(OPTIMIZERS[spec.optimizer](spec.lr)),
@@ -94,8 +102,9 @@ def run_one(spec: RunSpec, args, out: Path) -> dict:
     }
     if spec.optimizer != "lamb":
         sets["gradient_clipping"] = 1.0
+    port = args.master_port + slot
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.np),
-           "--master_port", str(args.master_port), str(REPO / "pretrain" / "run.py")] if args.np > 1 else \
+           "--master_port", str(port), str(REPO / "pretrain" / "run.py")] if args.np > 1 else \
           [sys.executable, str(REPO / "pretrain" / "run.py")]
     cmd += ["--config", str(args.config), "--data", str(args.data), "--output", str(run_dir),
             "--train-batch-size", str(spec.batch), "--micro-batch-size", str(spec.micro_batch),
@@ -105,19 +114,28 @@ def run_one(spec: RunSpec, args, out: Path) -> dict:
     if (run_dir / "checkpoints" / "latest").is_file():
         cmd.append("--resume")
     run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO), MASTER_PORT=str(port))
+    if getattr(args, "parallel", 1) > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (args.parallel * args.np)))
     t0 = time.time()
     with open(run_dir / "log.txt", "a") as logf:
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
     wall = time.time() - t0
     evals = read_evals(run_dir, spec)
     result = {**asdict(spec), "name": spec.name, "exit_code": proc.returncode, "wall_s": wall, "evals": evals,
               "final_loss": evals[-1]["eval_mlm_loss"] if evals else math.nan,
               "diverged": proc.returncode == 3}
-    hit = next((e for e in evals if e["eval_mlm_loss"] <= args.target_loss), None)
-    result["steps_to_target"] = hit["step"] if hit else None
-    result["samples_to_target"] = hit["samples"] if hit else None
+    with_target(result, args.target_loss)
     if proc.returncode in (0, 3):  # finished, or stopped on a non-finite loss: both are results
         done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def with_target(result: dict, target: float) -> dict:
+    """Set the first evaluation at or below ``target`` (steps and samples; None if never)."""
+    hit = next((e for e in result.get("evals", []) if e["eval_mlm_loss"] <= target), None)
+    result["steps_to_target"] = hit["step"] if hit else None
+    result["samples_to_target"] = hit["samples"] if hit else None
     return result
 
 
@@ -250,6 +268,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--eval-samples", type=int, default=1024)
     ap.add_argument("--target-loss", type=float, default=4.5)
     ap.add_argument("--np", type=int, default=2, help="processes per run")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at once (CPU threads shared between them)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--master-port", type=int, default=29561)
     args = ap.parse_args(argv)
@@ -259,19 +278,41 @@ def main(argv: Optional[list[str]] = None) -> int:
     for b in args.batch_sizes:
         if b % args.np:
             ap.error(f"batch {b} is not divisible by --np {args.np}")
+    if args.parallel < 1:
+        ap.error("--parallel must be at least 1")
     args.output.mkdir(parents=True, exist_ok=True)
     specs = plan(args)
-    print(f"scaling: {len(specs)} runs, {args.samples:,} samples each, output {args.output}", flush=True)
-    results = []
-    for i, spec in enumerate(specs, 1):
+    print(f"scaling: {len(specs)} runs, {args.samples:,} samples each, {args.parallel} at a time, "
+          f"output {args.output}", flush=True)
+    results: dict[int, dict] = {}
+    lock = threading.Lock()
+    free_slots = list(range(args.parallel))
+
+    def work(i: int, spec: RunSpec) -> None:
+        with lock:
+            slot = free_slots.pop()
         t = time.time()
         prior = (args.output / spec.name / "result.json").is_file()
-        r = run_one(spec, args, args.output)
-        results.append(r)
+        try:
+            r = run_one(spec, args, args.output, slot)
+        finally:
+            with lock:
+                free_slots.append(slot)
         status = "done before" if prior else f"{time.time() - t:.0f} s"
-        print(f"[{i}/{len(specs)}] {spec.name}: {spec.steps} steps of {spec.batch} (micro {spec.micro_batch}), "
-              f"lr {spec.lr:.2e} -> final held-out loss {r['final_loss']:.4f} ({status})", flush=True)
-        write_outputs(results, args.output, args.target_loss)
+        with lock:
+            results[i] = r
+            print(f"[{len(results)}/{len(specs)}] {spec.name}: {spec.steps} steps of {spec.batch} "
+                  f"(micro {spec.micro_batch}), lr {spec.lr:.2e} -> final held-out loss {r['final_loss']:.4f} "
+                  f"({status})", flush=True)
+            write_outputs([results[k] for k in sorted(results)], args.output, args.target_loss)
+
+    # Every optimizer at every batch first, the learning-rate search after: an interrupted grid
+    # still has the scaling curves.
+    order = sorted(range(len(specs)), key=lambda i: specs[i].lr_multiplier != 1.0)
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        for future in [pool.submit(work, i, specs[i]) for i in order]:
+            future.result()
+    results = [results[k] for k in sorted(results)]
     print_table(results, args.target_loss)
     print(json.dumps({"scaling": str(args.output), "runs": len(results)}))
     return 0 if all(r["exit_code"] in (0, 3) for r in results) else 1

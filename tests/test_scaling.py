@@ -15,7 +15,7 @@ def make_args(tmp_path, rule="sqrt"):
 
     return argparse.Namespace(batch_sizes=[128, 512, 2048], optimizers=["lamb", "adamw"], samples=8192,
                               base_batch=128, lr={"lamb": 4e-3, "adamw": 1e-3}, lr_rule=rule,
-                              lr_multipliers=[0.5, 1.0, 2.0], np=2, micro_batch=96)
+                              lr_multipliers=[0.5, 1.0, 2.0], np=2, micro_batch=96, target_loss=4.5)
 
 
 def test_plan_same_samples_scaled_lr_and_search_at_the_ends(tmp_path):
@@ -33,13 +33,41 @@ def test_plan_same_samples_scaled_lr_and_search_at_the_ends(tmp_path):
     assert [s for s in linear if s.batch == 2048 and s.lr_multiplier == 1.0][0].lr == pytest.approx(4e-3 * 16)
 
 
-def test_finished_run_is_not_run_again(tmp_path, monkeypatch):
+def test_finished_run_is_not_run_again_and_a_new_target_is_recomputed(tmp_path, monkeypatch):
     spec = scaling.RunSpec("lamb", 128, 4e-3, 1.0, 64, 64)
     (tmp_path / spec.name).mkdir()
-    stored = {"name": spec.name, "final_loss": 5.0, "evals": []}
+    evals = [{"step": s, "samples": s * 128, "eval_mlm_loss": loss} for s, loss in ((32, 6.0), (64, 5.0))]
+    stored = {"name": spec.name, "final_loss": 5.0, "evals": evals, "steps_to_target": None}
     (tmp_path / spec.name / "result.json").write_text(json.dumps(stored))
     monkeypatch.setattr(scaling.subprocess, "run", lambda *a, **k: pytest.fail("re-ran a finished run"))
-    assert scaling.run_one(spec, make_args(tmp_path), tmp_path) == stored
+    args = make_args(tmp_path)
+    r = scaling.run_one(spec, args, tmp_path)
+    assert r["final_loss"] == 5.0 and r["evals"] == evals and r["steps_to_target"] is None
+    args.target_loss = 6.5
+    r = scaling.run_one(spec, args, tmp_path)
+    assert r["steps_to_target"] == 32 and r["samples_to_target"] == 32 * 128
+
+
+def test_parallel_runs_get_their_own_ports_and_a_share_of_the_threads(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run(cmd, stdout, stderr, env):
+        seen.append((env["MASTER_PORT"], env.get("OMP_NUM_THREADS")))
+
+        class P:
+            returncode = 1  # not a result: nothing stored
+        return P()
+
+    monkeypatch.setattr(scaling.subprocess, "run", fake_run)
+    monkeypatch.setattr(scaling.os, "cpu_count", lambda: 4)
+    args = make_args(tmp_path)
+    for k, v in dict(eval_points=4, eval_samples=64, warmup=0.1, power=0.5, seed=1, master_port=29700,
+                     config="c.json", data="d", parallel=2, np=1).items():
+        setattr(args, k, v)
+    scaling.run_one(scaling.RunSpec("lamb", 128, 4e-3, 1.0, 64, 64), args, tmp_path, slot=1)
+    scaling.run_one(scaling.RunSpec("lamb", 512, 4e-3, 1.0, 16, 64), args, tmp_path, slot=0)
+    assert seen == [("29701", "2"), ("29700", "2")]
+    assert not (tmp_path / "lamb_b128_lrx1" / "result.json").exists()
 
 
 def test_results_steps_to_target_and_plots(tmp_path, monkeypatch):

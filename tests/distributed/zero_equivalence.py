@@ -5,7 +5,9 @@ Launched as ``deepspeed --num_gpus 2 zero_equivalence.py --out DIR --runs JSON``
 ``mpiexec -n 2 python ...``), JSON a list of ``[tag, mode, optimizer block]``. Modes: ``zero{0,1,2}`` fp32, ``bf16_zero{0,1,2}``,
 ``naive_zero2``/``naive_bf16_zero2`` (trust ratios per flat partition, as every LAMB used with
 ZeRO computes them without a layout: the regression this project fixes), ``zero3`` (refused),
-``resume_zero2`` (3 steps, DeepSpeed checkpoint, a fresh engine loads it, 2 more steps).
+``resume_zero2`` (3 steps, DeepSpeed checkpoint, a fresh engine loads it, 2 more steps),
+``accum_zero2``/``accum_bf16_zero2`` (two micro-batches per step: the optimizer uses the gradient
+buffers as scratch, which must not leak into the next accumulation).
 """
 from __future__ import annotations
 
@@ -25,10 +27,11 @@ from tests.distributed.tiny_bert import GLOBAL_BATCH, STEPS, batches, make_model
 
 def ds_config(mode: str, world: int, opt: dict) -> dict:
     stage = int(mode[-1])  # "zero2", "bf16_zero1", "naive_zero2", ...
+    accum = accumulation(mode)
     cfg = {
         "train_batch_size": GLOBAL_BATCH,
-        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world // accum,
+        "gradient_accumulation_steps": accum,
         "optimizer": opt,
         "zero_optimization": {"stage": stage},
         "steps_per_print": 10**9,
@@ -38,6 +41,10 @@ def ds_config(mode: str, world: int, opt: dict) -> dict:
     if "bf16" in mode:
         cfg["bf16"] = {"enabled": True}
     return cfg
+
+
+def accumulation(mode: str) -> int:
+    return 2 if mode.startswith("accum") else 1
 
 
 def run(tag: str, mode: str, opt: dict, out: Path) -> None:
@@ -67,17 +74,19 @@ def run(tag: str, mode: str, opt: dict, out: Path) -> None:
                 (out / f"{tag}.error.txt").write_text(str(exc))
             return
     losses = []
-    micro = GLOBAL_BATCH // world
+    micro = GLOBAL_BATCH // world // accumulation(mode)
     for step, batch in enumerate(batches()):
         if mode.startswith("resume") and step == STEPS // 2 + 1:
             ckpt = out / f"{tag}.ckpt"
             engine.save_checkpoint(str(ckpt), tag="mid")
             engine, *_ = optim.initialize(model=make_model(), config=cfg)  # fresh weights, fresh state
             engine.load_checkpoint(str(ckpt), tag="mid")
-        part = {k: v[rank * micro:(rank + 1) * micro].to(engine.device) for k, v in batch.items()}
-        loss = engine(**part).loss
-        engine.backward(loss)
-        engine.step()
+        for a in range(accumulation(mode)):
+            lo = (rank * accumulation(mode) + a) * micro
+            part = {k: v[lo:lo + micro].to(engine.device) for k, v in batch.items()}
+            loss = engine(**part).loss
+            engine.backward(loss)
+            engine.step()
         losses.append(loss.item())
     ratios = engine.basic_optimizer.trust_ratios() if hasattr(engine.basic_optimizer, "trust_ratios") else {}
     if rank == 0:
