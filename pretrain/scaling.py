@@ -132,10 +132,20 @@ def run_one(spec: RunSpec, args, out: Path, slot: int = 0) -> dict:
 
 
 def with_target(result: dict, target: float) -> dict:
-    """Set the first evaluation at or below ``target`` (steps and samples; None if never)."""
-    hit = next((e for e in result.get("evals", []) if e["eval_mlm_loss"] <= target), None)
-    result["steps_to_target"] = hit["step"] if hit else None
-    result["samples_to_target"] = hit["samples"] if hit else None
+    """Set when held-out loss first reaches ``target`` (None if never): linear interpolation in
+    samples between the evaluations on either side, so the figure does not jump by a whole
+    evaluation interval; the first evaluation itself when it is already at or below."""
+    evals = result.get("evals", [])
+    at = next((i for i, e in enumerate(evals) if e["eval_mlm_loss"] <= target), None)
+    samples = None
+    if at is not None:
+        samples = float(evals[at]["samples"])
+        if at > 0:
+            a, b = evals[at - 1], evals[at]
+            frac = (a["eval_mlm_loss"] - target) / (a["eval_mlm_loss"] - b["eval_mlm_loss"])
+            samples = a["samples"] + frac * (b["samples"] - a["samples"])
+    result["samples_to_target"] = samples
+    result["steps_to_target"] = None if samples is None else samples / result["batch"]
     return result
 
 
@@ -153,11 +163,16 @@ def read_evals(run_dir: Path, spec: RunSpec) -> list[dict]:
     return [evals[s] for s in sorted(evals)]
 
 
-def best_per_batch(results: list[dict]) -> dict[tuple[str, int], dict]:
+def best_per_batch(results: list[dict], by: str = "final") -> dict[tuple[str, int], dict]:
+    """The best run of each (optimizer, batch) over the learning-rate search: lowest final loss
+    (``by="final"``) or fewest steps to the target (``by="target"``, runs that reach it only)."""
+    def score(r):
+        return _final(r) if by == "final" else (r["steps_to_target"] if r["steps_to_target"] is not None else math.inf)
+
     best: dict[tuple[str, int], dict] = {}
     for r in results:
         key = (r["optimizer"], r["batch"])
-        if key not in best or _final(r) < _final(best[key]):
+        if key not in best or score(r) < score(best[key]):
             best[key] = r
     return best
 
@@ -165,6 +180,23 @@ def best_per_batch(results: list[dict]) -> dict[tuple[str, int], dict]:
 def _final(r: dict) -> float:
     v = r["final_loss"]
     return v if v == v else math.inf  # NaN (diverged) sorts last
+
+
+def scaling_summary(results: list[dict]) -> dict[str, list[dict]]:
+    """Per optimizer and batch, the fewest steps to the target over the lr search, and the samples
+    that took relative to the smallest batch: 1.0 is perfect linear scaling (k times the batch,
+    1/k the steps), k means the larger batch bought no step reduction at all."""
+    best = best_per_batch(results, by="target")
+    out: dict[str, list[dict]] = {}
+    for opt in sorted({o for o, _ in best}):
+        rows = sorted((b, r) for (o, b), r in best.items() if o == opt)
+        ref = rows[0][1]["samples_to_target"]
+        out[opt] = [{"batch": b, "lr": r["lr"], "steps_to_target": r["steps_to_target"],
+                     "samples_to_target": r["samples_to_target"],
+                     "samples_vs_smallest_batch": (r["samples_to_target"] / ref
+                                                   if ref and r["samples_to_target"] is not None else None)}
+                    for b, r in rows]
+    return out
 
 
 def write_outputs(results: list[dict], out: Path, target: float) -> None:
@@ -177,7 +209,8 @@ def write_outputs(results: list[dict], out: Path, target: float) -> None:
                 w.writerow([r["name"], r["optimizer"], r["batch"], r["lr"], r["lr_multiplier"], e["step"],
                             e["samples"], e["eval_mlm_loss"], e["eval_mlm_acc"], e["eval_nsp_acc"]])
     summary = [{k: v for k, v in r.items() if k != "evals"} for r in results]
-    (out / "summary.json").write_text(json.dumps({"target_loss": target, "runs": summary}, indent=1))
+    (out / "summary.json").write_text(json.dumps({"target_loss": target, "runs": summary,
+                                                  "scaling": scaling_summary(results)}, indent=1))
     try:
         plot(results, out, target)
     except ImportError:
@@ -210,17 +243,21 @@ def plot(results: list[dict], out: Path, target: float) -> None:
     for opt in opts:
         rows = sorted((b, r) for (o, b), r in best.items() if o == opt)
         a1.plot([b for b, _ in rows], [_final(r) for _, r in rows], marker="o", label=opt)
-        hits = [(b, r["steps_to_target"]) for b, r in rows if r["steps_to_target"]]
+    fastest = best_per_batch(results, by="target")
+    for opt in opts:
+        hits = sorted((b, r["steps_to_target"]) for (o, b), r in fastest.items()
+                      if o == opt and r["steps_to_target"] is not None)
         if hits:
             a2.plot([b for b, _ in hits], [s for _, s in hits], marker="o", label=opt)
     batches = sorted({b for _, b in best})
-    lamb_hits = [(b, r["steps_to_target"]) for (o, b), r in best.items() if o == "lamb" and r["steps_to_target"]]
+    lamb_hits = [(b, r["steps_to_target"]) for (o, b), r in fastest.items()
+                 if o == "lamb" and r["steps_to_target"] is not None]
     if lamb_hits:
         b0, s0 = min(lamb_hits)
-        a2.plot(batches, [s0 * b0 / b for b in batches], "k--", lw=1, label="ideal linear scaling")
+        a2.plot(batches, [s0 * b0 / b for b in batches], "k--", lw=1, label="ideal linear scaling (from lamb)")
     a1.set(xscale="log", xlabel="global batch", ylabel="final held-out MLM loss", title="same samples, best lr")
     a2.set(xscale="log", yscale="log", xlabel="global batch", ylabel=f"steps to held-out loss {target}",
-           title="steps to target")
+           title="steps to target, best lr")
     a1.legend()
     a2.legend()
     fig.tight_layout()
@@ -231,10 +268,16 @@ def plot(results: list[dict], out: Path, target: float) -> None:
 def print_table(results: list[dict], target: float) -> None:
     print(f"\n{'run':28s} {'lr':>9s} {'steps':>7s} {'final loss':>11s} {'steps to ' + str(target):>14s} {'wall s':>8s}")
     for r in sorted(results, key=lambda r: (r["optimizer"], r["batch"], r["lr_multiplier"])):
-        hit = r["steps_to_target"] if r["steps_to_target"] is not None else "-"
+        hit = f"{r['steps_to_target']:.0f}" if r["steps_to_target"] is not None else "-"
         flag = " (diverged)" if r.get("diverged") else ("" if r["exit_code"] == 0 else f" (exit {r['exit_code']})")
-        print(f"{r['name']:28s} {r['lr']:9.2e} {r['steps']:7d} {r['final_loss']:11.4f} {hit!s:>14s} "
+        print(f"{r['name']:28s} {r['lr']:9.2e} {r['steps']:7d} {r['final_loss']:11.4f} {hit:>14s} "
               f"{r['wall_s']:8.0f}{flag}")
+    print(f"\n{'optimizer':10s} {'batch':>6s} {'best lr':>9s} {'steps to target':>16s} {'samples vs smallest batch':>26s}")
+    for opt, rows in scaling_summary(results).items():
+        for row in rows:
+            steps = f"{row['steps_to_target']:.0f}" if row["steps_to_target"] is not None else "not reached"
+            rel = f"{row['samples_vs_smallest_batch']:.2f}" if row["samples_vs_smallest_batch"] is not None else "-"
+            print(f"{opt:10s} {row['batch']:6d} {row['lr']:9.2e} {steps:>16s} {rel:>26s}")
 
 
 def parse_lrs(text: str) -> dict[str, float]:

@@ -37,7 +37,7 @@ def test_finished_run_is_not_run_again_and_a_new_target_is_recomputed(tmp_path, 
     spec = scaling.RunSpec("lamb", 128, 4e-3, 1.0, 64, 64)
     (tmp_path / spec.name).mkdir()
     evals = [{"step": s, "samples": s * 128, "eval_mlm_loss": loss} for s, loss in ((32, 6.0), (64, 5.0))]
-    stored = {"name": spec.name, "final_loss": 5.0, "evals": evals, "steps_to_target": None}
+    stored = {"name": spec.name, "batch": 128, "final_loss": 5.0, "evals": evals, "steps_to_target": None}
     (tmp_path / spec.name / "result.json").write_text(json.dumps(stored))
     monkeypatch.setattr(scaling.subprocess, "run", lambda *a, **k: pytest.fail("re-ran a finished run"))
     args = make_args(tmp_path)
@@ -45,7 +45,11 @@ def test_finished_run_is_not_run_again_and_a_new_target_is_recomputed(tmp_path, 
     assert r["final_loss"] == 5.0 and r["evals"] == evals and r["steps_to_target"] is None
     args.target_loss = 6.5
     r = scaling.run_one(spec, args, tmp_path)
+    # 6.5 is already met by the first evaluation, which then counts as is ...
     assert r["steps_to_target"] == 32 and r["samples_to_target"] == 32 * 128
+    args.target_loss = 5.5  # ... and halfway between 6.0 (step 32) and 5.0 (step 64): step 48
+    r = scaling.run_one(spec, args, tmp_path)
+    assert r["steps_to_target"] == pytest.approx(48) and r["samples_to_target"] == pytest.approx(48 * 128)
 
 
 def test_parallel_runs_get_their_own_ports_and_a_share_of_the_threads(tmp_path, monkeypatch):
@@ -91,8 +95,34 @@ def test_results_steps_to_target_and_plots(tmp_path, monkeypatch):
                      config="c.json", data="d", target_loss=4.5).items():
         setattr(args, k, v)
     r = scaling.run_one(spec, args, tmp_path)
-    assert r["steps_to_target"] == 48 and r["samples_to_target"] == 48 * 128 and r["final_loss"] == 4.1
+    # 4.5 is reached between step 32 (4.8) and 48 (4.4), three quarters of the way
+    assert r["steps_to_target"] == pytest.approx(44) and r["samples_to_target"] == pytest.approx(44 * 128)
+    assert r["final_loss"] == 4.1
     scaling.write_outputs([r], tmp_path, 4.5)
     assert (tmp_path / "results.csv").read_text().count("\n") == 5
-    assert json.loads((tmp_path / "summary.json").read_text())["runs"][0]["steps_to_target"] == 48
+    assert json.loads((tmp_path / "summary.json").read_text())["runs"][0]["steps_to_target"] == pytest.approx(44)
     assert (tmp_path / "loss_vs_samples.png").stat().st_size > 0 and (tmp_path / "scaling.png").is_file()
+
+
+def fake_result(opt, batch, lr, losses_by_samples, target=4.5):
+    evals = [{"step": n // batch, "samples": n, "eval_mlm_loss": loss} for n, loss in losses_by_samples]
+    r = {"optimizer": opt, "batch": batch, "lr": lr, "evals": evals, "final_loss": evals[-1]["eval_mlm_loss"]}
+    return scaling.with_target(r, target)
+
+
+def test_scaling_summary_takes_the_fastest_lr_and_compares_samples_with_the_smallest_batch():
+    results = [
+        fake_result("lamb", 64, 1e-3, [(1000, 5.0), (2000, 4.0)]),     # 4.5 at 1500 samples
+        fake_result("lamb", 64, 3e-3, [(1000, 4.6), (2000, 4.2)]),     # 4.5 at 1250: the faster lr
+        fake_result("lamb", 1024, 4e-3, [(2048, 5.5), (4096, 4.5)]),   # 4.5 at 4096 samples
+        fake_result("lamb", 1024, 1e-2, [(2048, 6.0), (4096, 5.0)]),   # never
+        fake_result("adamw", 64, 1e-3, [(1000, 4.0)]),
+        fake_result("adamw", 1024, 1e-3, [(4096, 6.0)]),
+    ]
+    s = scaling.scaling_summary(results)
+    lamb = {row["batch"]: row for row in s["lamb"]}
+    assert lamb[64]["lr"] == 3e-3 and lamb[64]["samples_to_target"] == pytest.approx(1250)
+    assert lamb[1024]["lr"] == 4e-3 and lamb[1024]["steps_to_target"] == pytest.approx(4)
+    assert lamb[1024]["samples_vs_smallest_batch"] == pytest.approx(4096 / 1250)
+    adamw = {row["batch"]: row for row in s["adamw"]}
+    assert adamw[1024]["steps_to_target"] is None and adamw[1024]["samples_vs_smallest_batch"] is None
