@@ -143,11 +143,7 @@ class Lamb(LayerwiseOptimizer):
             vs = [self.state[p]["exp_avg_sq"] for p in ws]
             impl = self._choose_impl(ws + gs + ms + vs)
             gscale = None if grad_scale is None else grad_scale.to(ws[0].device, ws[0].dtype)
-            # u goes into the gradients when allowed and they match the weights (not, e.g.,
-            # bf16 gradients of fp32 weights), else the fused step recomputes it in pass 2 and
-            # the multi-tensor one keeps a buffer on the bucket.
-            scratch = None if self.keep_grads or not all(
-                g.dtype == w.dtype and g.shape == w.shape and g.is_contiguous() for g, w in zip(gs, ws)) else gs
+            scratch = None if self.keep_grads or not _grads_usable_as_scratch(ws, gs) else gs
             if impl == "fused":
                 sums, extra = _pass1_native(b, ws, gs, ms, vs, hp, gscale, scratch)
             elif impl == "compiled":
@@ -183,6 +179,20 @@ class Lamb(LayerwiseOptimizer):
                     self._compiled_fn("lamb2", _pass2_foreach)(b, ws, extra, scale)
                 else:
                     _pass2_foreach(b, ws, extra, scale)
+
+
+def _grads_usable_as_scratch(ws, gs) -> bool:
+    """u may go into the gradients when each is a contiguous tensor of its weight's dtype and
+    shape (not, e.g., bf16 gradients of fp32 weights), no two are the same tensor (it would
+    receive two tensors' u), and none is part of an autograd graph (``create_graph=True``).
+    Otherwise the fused step recomputes u in pass 2 and the multi-tensor one keeps a buffer."""
+    ptrs = set()
+    for g, w in zip(gs, ws):
+        if g.dtype != w.dtype or g.shape != w.shape or not g.is_contiguous() or g.requires_grad:
+            return False
+        if g.numel():
+            ptrs.add(g.data_ptr())
+    return len(ptrs) == sum(1 for g in gs if g.numel())
 
 
 # ---------------------------------------------------------------------------------------

@@ -55,6 +55,12 @@ def attach(engine) -> bool:
             "tensor and the per-tensor trust ratios would need a layout this version does not "
             "derive. Use ZeRO stage 1 or 2 (optimizer state and gradients are still partitioned).")
 
+    if getattr(wrapper, "cpu_offload", False) and hasattr(basic, "keep_grads"):
+        # With the optimizer offloaded, ZeRO keeps one pinned fp32 gradient buffer for the whole
+        # run and refreshes only the fragments of parameters that received a gradient: scratch
+        # written into it would stand in for the gradient of a parameter unused in a step.
+        basic.keep_grads = True
+
     named = list(engine.module.named_parameters())
     names = [n for n, _ in named]
     key_of = {id(p): k for k, (_, p) in enumerate(named)}

@@ -258,8 +258,9 @@ def plot(results: list[dict], out: Path, target: float) -> None:
     a1.set(xscale="log", xlabel="global batch", ylabel="final held-out MLM loss", title="same samples, best lr")
     a2.set(xscale="log", yscale="log", xlabel="global batch", ylabel=f"steps to held-out loss {target}",
            title="steps to target, best lr")
-    a1.legend()
-    a2.legend()
+    for ax in (a1, a2):
+        if ax.get_legend_handles_labels()[0]:  # no curve when no run reached the target yet
+            ax.legend()
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=120)
     plt.close(fig)

@@ -153,6 +153,25 @@ def test_keep_grads_leaves_gradients_and_changes_nothing_else(impl, variant):
         assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-6
 
 
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_a_gradient_tensor_shared_by_two_weights_is_not_used_as_scratch(impl):
+    """Two weights given the same gradient tensor: writing u into it would hand each the other's
+    update, so the step must behave as with keep_grads=True."""
+    ws, _ = problem(7, 0, dtype=torch.float32)
+    a, b = ws[0].clone(), ws[0].clone() * 2
+    shared = torch.randn(a.shape) * 0.1
+    kept = [a.clone(), b.clone()]
+    for pair, kw in (((a, b), {}), (kept, {"keep_grads": True})):
+        opt = Lamb(list(pair), lr=0.05, variant="nvidia", impl=impl, **kw)
+        for _ in range(3):
+            grad = shared.clone()
+            for w in pair:
+                w.grad = grad
+            opt.step()
+    for got, ref in zip((a, b), kept):
+        assert torch.equal(got, ref)
+
+
 def test_fused_kernels_are_built_here():
     from optim import _native
 

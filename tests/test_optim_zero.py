@@ -32,7 +32,8 @@ RUNS = [
     ["lamb_zero1", "zero1", LAMB], ["lamb_zero2", "zero2", LAMB], ["lamb_naive_zero2", "naive_zero2", LAMB],
     ["lamb_bf16_zero0", "bf16_zero0", LAMB], ["lamb_bf16_zero1", "bf16_zero1", LAMB],
     ["lamb_bf16_zero2", "bf16_zero2", LAMB], ["lamb_accum_zero2", "accum_zero2", LAMB],
-    ["lamb_accum_bf16_zero2", "accum_bf16_zero2", LAMB], ["lamb_zero3", "zero3", LAMB],
+    ["lamb_accum_bf16_zero1", "accum_bf16_zero1", LAMB], ["lamb_accum_bf16_zero2", "accum_bf16_zero2", LAMB],
+    ["lamb_accum_offload_zero2", "accum_offload_zero2", LAMB], ["lamb_zero3", "zero3", LAMB],
     ["lamb_resume_zero2", "resume_zero2", LAMB], ["lambds_zero2", "zero2", LAMB_DS], ["lars_zero2", "zero2", LARS], ["lars_naive_zero2", "naive_zero2", LARS],
 ]
 # The attention key bias has an identically zero gradient (softmax ignores a shift shared by all
@@ -75,7 +76,8 @@ def runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("tag", ["lamb_zero1", "lamb_zero2", "lamb_accum_zero2", "lambds_zero2", "lars_zero2"])
+@pytest.mark.parametrize("tag", ["lamb_zero1", "lamb_zero2", "lamb_accum_zero2", "lamb_accum_offload_zero2",
+                                 "lambds_zero2", "lars_zero2"])
 def test_zero_fp32_matches_single_process(runs, tag):
     opt = next(r[2] for r in RUNS if r[0] == tag)
     ref, ref_ratios = reference(opt)
@@ -107,7 +109,8 @@ def max_ratio_rel(ratios: dict, ref_ratios: dict) -> float:
     return max(abs(ratios[k] - r) / r for k, r in ref_ratios.items())
 
 
-@pytest.mark.parametrize("tag", ["lamb_bf16_zero0", "lamb_bf16_zero1", "lamb_bf16_zero2", "lamb_accum_bf16_zero2"])
+@pytest.mark.parametrize("tag", ["lamb_bf16_zero0", "lamb_bf16_zero1", "lamb_bf16_zero2", "lamb_accum_bf16_zero1",
+                                 "lamb_accum_bf16_zero2"])
 def test_zero_bf16_follows_fp32_trajectory(runs, tag):
     """bf16 weights differ from fp32 by rounding (2^-8 relative), so compare the whole model
     and the exact per-tensor trust ratios."""
@@ -138,3 +141,10 @@ def test_preclipping_was_active(runs):
 def test_zero3_is_refused_with_a_clear_error(runs):
     msg = (runs / "lamb_zero3.error.txt").read_text()
     assert "ZeRO stage 3" in msg and "stage to 1 or 2" in msg
+
+
+def test_gradients_are_scratch_except_under_cpu_offload(runs):
+    """ZeRO-Offload keeps one gradient buffer for the whole run and refreshes only the fragments
+    of parameters that got a gradient, so there the optimizer must leave gradients alone."""
+    assert torch.load(runs / "lamb_accum_offload_zero2.pt")["keep_grads"] is True
+    assert torch.load(runs / "lamb_accum_zero2.pt")["keep_grads"] is False

@@ -6,8 +6,9 @@ Launched as ``deepspeed --num_gpus 2 zero_equivalence.py --out DIR --runs JSON``
 ``naive_zero2``/``naive_bf16_zero2`` (trust ratios per flat partition, as every LAMB used with
 ZeRO computes them without a layout: the regression this project fixes), ``zero3`` (refused),
 ``resume_zero2`` (3 steps, DeepSpeed checkpoint, a fresh engine loads it, 2 more steps),
-``accum_zero2``/``accum_bf16_zero2`` (two micro-batches per step: the optimizer uses the gradient
-buffers as scratch, which must not leak into the next accumulation).
+``accum_zero2``/``accum_bf16_zero{1,2}`` (two micro-batches per step: the optimizer uses the
+gradient buffers as scratch, which must not leak into the next accumulation; bf16 ZeRO-1 keeps one
+persistent fp32 gradient buffer), ``accum_offload_zero2`` (optimizer offloaded to the CPU).
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def ds_config(mode: str, world: int, opt: dict) -> dict:
     }
     if "bf16" in mode:
         cfg["bf16"] = {"enabled": True}
+    if "offload" in mode:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        cfg["zero_force_ds_cpu_optimizer"] = False
     return cfg
 
 
@@ -89,9 +93,10 @@ def run(tag: str, mode: str, opt: dict, out: Path) -> None:
             engine.step()
         losses.append(loss.item())
     ratios = engine.basic_optimizer.trust_ratios() if hasattr(engine.basic_optimizer, "trust_ratios") else {}
+    keep_grads = getattr(engine.basic_optimizer, "keep_grads", None)
     if rank == 0:
         state = {n: p.detach().float().cpu().clone() for n, p in engine.module.named_parameters()}
-        torch.save({"params": state, "losses": losses, "ratios": ratios}, out / f"{tag}.pt")
+        torch.save({"params": state, "losses": losses, "ratios": ratios, "keep_grads": keep_grads}, out / f"{tag}.pt")
     dist.barrier()
 
 
