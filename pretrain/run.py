@@ -84,8 +84,12 @@ def fingerprint(ds_cfg: dict, cfg, manifest: dict) -> dict:
     return picked
 
 
-def init_weights(model, path: str) -> tuple[str, Path | None, str | None]:
-    """Load phase-1 weights: ("deepspeed", ckpt_dir, tag) or ("hf", None, None)."""
+def init_weights(model, path: str, engine_loads_deepspeed: bool) -> tuple[str, Path | None, str | None]:
+    """Load phase-1 weights: ("deepspeed", ckpt_dir, tag) or ("hf", None, None).
+
+    With ``engine_loads_deepspeed`` a DeepSpeed checkpoint is only located: the engine's
+    ``load_checkpoint`` (which keeping the optimizer state needs anyway) restores the weights, and
+    gathering them here first would read every rank's partition for nothing."""
     p = Path(path)
     if (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin"))):
         from transformers import BertForPreTraining
@@ -94,7 +98,8 @@ def init_weights(model, path: str) -> tuple[str, Path | None, str | None]:
         load_weights(model, hf.state_dict(), str(p))
         return "hf", None, None
     ckpt_dir, tag = checkpoint.resolve(p)
-    load_weights(model, checkpoint.fp32_state_dict(ckpt_dir, tag), str(ckpt_dir / tag))
+    if not engine_loads_deepspeed:
+        load_weights(model, checkpoint.fp32_state_dict(ckpt_dir, tag), str(ckpt_dir / tag))
     return "deepspeed", ckpt_dir, tag
 
 
@@ -150,13 +155,19 @@ def main(argv=None) -> int:
     model = build_model(cfg.model, info.vocab_size, cfg.seed)
     init_kind = init_ckpt_dir = init_tag = None
     if cfg.init_checkpoint and not resuming:
-        init_kind, init_ckpt_dir, init_tag = init_weights(model, cfg.init_checkpoint)
+        init_kind, init_ckpt_dir, init_tag = init_weights(model, cfg.init_checkpoint,
+                                                          cfg.init_optimizer_state == "keep")
     model_meta = json.dumps({"bert": model.config.to_dict(), "vocab_dir": str(info.vocab_dir or ""),
                              "pretrain": asdict(cfg)}, indent=1)
 
     # -- engine: DeepSpeed + our optimizer and schedule (optim.initialize) --------------------
     engine, _, _, _ = optim.initialize(model=model, config=ds_cfg)
     if init_kind == "deepspeed" and cfg.init_optimizer_state == "keep":
+        # Loading the optimizer also restores phase 1's param-group settings, among them its last
+        # learning rate (0 at the end of a decay to zero). Phase 2 keeps the moments and step
+        # counts only; its learning rate, schedule start and hyperparameters are its own config's
+        # (as NVIDIA's phase 2 overrides them after loading).
+        own_settings = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
         try:
             engine.load_checkpoint(str(init_ckpt_dir), tag=init_tag, load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
@@ -165,6 +176,8 @@ def main(argv=None) -> int:
                 f"cannot restore the optimizer state of {init_ckpt_dir / init_tag} ({type(exc).__name__}: "
                 f"{str(exc)[:200]}); ZeRO partitions the state by rank, so phase 2 must keep phase 1's "
                 "world size and ZeRO stage, or set pretrain.init_optimizer_state to \"reset\"") from None
+        for group, settings in zip(engine.optimizer.param_groups, own_settings):
+            group.update(settings)
         engine.global_steps = engine.global_samples = engine.skipped_steps = 0  # new phase, new count
 
     train_ds, val_ds = data_mod.datasets(info, cfg)

@@ -121,6 +121,20 @@ def test_phase2_then_export_reproduces_mlm_loss(phase1):
                     "--init-checkpoint", "straight", "--output", "phase2", "--max-steps", "2",
                     "--train-batch-size", "8", "--micro-batch-size", "2")
     assert "initialised from straight (deepspeed)" in out
+    # Phase 2 starts from phase 1's weights and moments, with its own learning rate and schedule:
+    # phase 1 ended at lr 0, which the loaded optimizer state must not carry over. Over 2 steps
+    # only the first has a non-zero lr (4e-3 x the schedule's multiplier at step 0), and a LAMB
+    # step moves every adapted tensor by exactly lr * ||w|| (trust ratio ||w||/||u|| times u).
+    p2_cfg = json.loads((ROOT / "ds_configs/cpu_seq512.json").read_text())
+    from optim.schedules import multiplier_fn
+
+    sched = multiplier_fn("WarmupPolyDecay", dict(p2_cfg["scheduler"]["params"], total_num_steps=2))
+    expected = p2_cfg["optimizer"]["params"]["lr"] * sched(0)
+    p1, p2 = weights(phase1 / "straight", 6), weights(phase1 / "phase2", 2)
+    adapted = [k for k in p1 if ".encoder." in k and k.endswith(".weight") and p1[k].dim() == 2]
+    assert len(adapted) >= 12
+    for k in adapted:
+        assert ((p2[k] - p1[k]).norm() / p1[k].norm()).item() == pytest.approx(expected, rel=1e-3), k
     run([sys.executable, "-m", "pretrain.export", "phase2", "hf"], phase1)
     hf_dir = phase1 / "hf"
     assert (hf_dir / "model.safetensors").is_file() and (hf_dir / "vocab.txt").is_file()
