@@ -266,7 +266,9 @@ def main(argv=None) -> int:
          "weight_decay": args.weight_decay},
         {"params": [p for n, p in model.named_parameters() if _no_decay(n)], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    # Fused AdamW (one kernel over all tensors) where torch has it: on the CPU the default
+    # AdamW steps one tensor at a time (measured 144 ms against 28 ms for MiniLM-sized params).
+    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=device.type in ("cpu", "cuda"))
 
     loader, total_steps = None, 0
     if train:
@@ -293,6 +295,11 @@ def main(argv=None) -> int:
         optimizer, math.ceil(args.warmup * total_steps), max(total_steps, 1))
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    lr_scheduler=scheduler, config=cfg)
+    if world == 1 and engine.zero_optimization_stage() == 0:
+        # With one process and no ZeRO, DeepSpeed still packs every gradient into a bucket,
+        # all-reduces it with itself and copies it back after each backward: pure overhead (the
+        # result is the gradient itself), skipped. (ZeRO stages do their bookkeeping there.)
+        engine.enable_backward_allreduce = False
 
     metrics["model_dtype"] = str(next(engine.module.parameters()).dtype).replace("torch.", "")
     eval_log = []
