@@ -105,7 +105,8 @@ def test_results_steps_to_target_and_plots(tmp_path, monkeypatch):
 
 
 def fake_result(opt, batch, lr, losses_by_samples, target=4.5):
-    evals = [{"step": n // batch, "samples": n, "eval_mlm_loss": loss} for n, loss in losses_by_samples]
+    evals = [{"step": n // batch, "samples": n, "eval_mlm_loss": loss, "eval_mlm_acc": 0.1, "eval_nsp_acc": 0.5}
+             for n, loss in losses_by_samples]
     r = {"optimizer": opt, "batch": batch, "lr": lr, "evals": evals, "final_loss": evals[-1]["eval_mlm_loss"]}
     return scaling.with_target(r, target)
 
@@ -126,3 +127,35 @@ def test_scaling_summary_takes_the_fastest_lr_and_compares_samples_with_the_smal
     assert lamb[1024]["samples_vs_smallest_batch"] == pytest.approx(4096 / 1250)
     adamw = {row["batch"]: row for row in s["adamw"]}
     assert adamw[1024]["steps_to_target"] is None and adamw[1024]["samples_vs_smallest_batch"] is None
+
+
+def test_summarize_trains_nothing_and_reports_the_finished_runs(tmp_path, monkeypatch, capsys):
+    spec = scaling.RunSpec("lamb", 128, 4e-3, 1.0, 64, 64)
+    (tmp_path / spec.name).mkdir()
+    done = fake_result("lamb", 128, 4e-3, [(4096, 5.0), (8192, 4.0)])
+    done.update(name=spec.name, steps=64, lr_multiplier=1.0, exit_code=0, wall_s=1.0)
+    (tmp_path / spec.name / "result.json").write_text(json.dumps(done))
+    monkeypatch.setattr(scaling.subprocess, "run", lambda *a, **k: pytest.fail("--summarize trained"))
+    rc = scaling.main(["--config", "c.json", "--data", "d", "--output", str(tmp_path), "--batch-sizes", "128,2048",
+                       "--optimizers", "lamb", "--samples", "8192", "--base-batch", "128", "--lr", "lamb=4e-3",
+                       "--np", "1", "--summarize"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "1 planned runs not finished: lamb_b2048_lrx1" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["name"] for r in summary["runs"]] == [spec.name]
+    assert summary["runs"][0]["steps_to_target"] == pytest.approx(48)  # 4.5 halfway from 4096 to 8192
+
+
+def test_runs_are_ordered_so_an_early_stop_keeps_the_telling_ones():
+    import argparse
+
+    args = argparse.Namespace(batch_sizes=[64, 256, 1024, 2048], optimizers=["lamb", "adamw"], samples=131072,
+                              base_batch=64, lr={"lamb": 1e-2, "adamw": 1e-3}, lr_rule="sqrt",
+                              lr_multipliers=[0.5, 1.0, 2.0], np=1, micro_batch=256)
+    specs = scaling.plan(args)
+    order = [s.name for s in sorted(specs, key=lambda s: scaling.run_priority(s, specs, args.optimizers))]
+    assert order[:6] == ["lamb_b64_lrx1", "adamw_b64_lrx1", "lamb_b256_lrx1", "adamw_b256_lrx1",
+                         "lamb_b2048_lrx1", "adamw_b2048_lrx1"]
+    assert set(order[6:10]) == {f"{o}_b2048_lrx{m}" for o in ("lamb", "adamw") for m in ("0.5", "2")}
+    assert order[-2:] == ["lamb_b64_lrx0.5", "adamw_b64_lrx0.5"]
