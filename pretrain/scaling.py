@@ -256,6 +256,7 @@ def plot(results: list[dict], out: Path, target: float) -> None:
                         marker="o", ms=3, label=f"batch {batch} (lr {r['lr']:.2g})")
         ax.axhline(target, color="grey", ls=":", lw=1)
         ax.set(title=opt, xlabel="samples", xscale="log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels would overlap
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("held-out MLM loss")
     fig.tight_layout()
