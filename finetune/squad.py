@@ -267,7 +267,8 @@ def main(argv=None) -> int:
         {"params": [p for n, p in model.named_parameters() if _no_decay(n)], "weight_decay": 0.0},
     ]
     # Fused AdamW (one kernel over all tensors) where torch has it: on the CPU the default
-    # AdamW steps one tensor at a time (measured 144 ms against 28 ms for MiniLM-sized params).
+    # AdamW steps one tensor at a time (measured 141 ms against 28 ms per step for MiniLM's
+    # 22.7M parameters, 1 thread).
     optimizer = torch.optim.AdamW(params, lr=args.lr, fused=device.type in ("cpu", "cuda"))
 
     loader, total_steps = None, 0

@@ -377,20 +377,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             write_outputs([results[k] for k in sorted(results)], args.output, args.target_loss)
 
     if args.summarize:
-        done = [i for i, spec in enumerate(specs) if (args.output / spec.name / "result.json").is_file()]
-        missing = [spec.name for i, spec in enumerate(specs) if i not in done]
-        for i in done:
-            results[i] = run_one(specs[i], args, args.output)
+        missing = []
+        for i, spec in enumerate(specs):
+            if (args.output / spec.name / "result.json").is_file():
+                results[i] = run_one(spec, args, args.output)  # reads the stored result
+            else:
+                missing.append(spec.name)
         if missing:
             print(f"scaling: {len(missing)} planned runs not finished: {', '.join(missing)}")
-        write_outputs([results[k] for k in sorted(results)], args.output, args.target_loss)
-        print_table([results[k] for k in sorted(results)], args.target_loss)
-        return 0
-    order = sorted(range(len(specs)), key=lambda i: run_priority(specs[i], specs, args.optimizers))
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        for future in [pool.submit(work, i, specs[i]) for i in order]:
-            future.result()
+    else:
+        order = sorted(range(len(specs)), key=lambda i: run_priority(specs[i], specs, args.optimizers))
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            for future in [pool.submit(work, i, specs[i]) for i in order]:
+                future.result()
     results = [results[k] for k in sorted(results)]
+    write_outputs(results, args.output, args.target_loss)
     print_table(results, args.target_loss)
     print(json.dumps({"scaling": str(args.output), "runs": len(results)}))
     return 0 if all(r["exit_code"] in (0, 3) for r in results) else 1
