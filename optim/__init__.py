@@ -12,11 +12,12 @@ from .initialize import build_optimizer, initialize, load_config
 from .lamb import VARIANTS, Lamb
 from .lars import Lars
 from .param_groups import no_decay_names, param_groups
+from .precision import resolve_precision
 from .registry import create, known, register
 from .schedules import build_scheduler, scale_lr
 
 __all__ = [
     "IMPLS", "Lamb", "Lars", "LayerwiseOptimizer", "VARIANTS", "build_optimizer", "build_scheduler",
     "create", "initialize", "known", "load_config", "no_decay_names", "param_groups", "register",
-    "scale_lr",
+    "resolve_precision", "scale_lr",
 ]

@@ -8,9 +8,12 @@ updated. A step therefore runs in two passes with one reduction between them:
    are ZeRO partitions (one collective for the whole param group, no host synchronisation);
 3. pass 2 (``_apply``): the element-wise update scaled by each tensor's trust ratio.
 
-Subclasses implement the two passes three ways (``impl``): ``"loop"`` (per-tensor reference),
-``"foreach"`` (``torch._foreach_*``, grouped by device and dtype) and ``"fused"`` (C/OpenMP
-kernels on the CPU, ``torch.compile`` elsewhere), all computing the same math.
+Subclasses implement the two passes in several ways (``impl``), all computing the same math:
+``"loop"`` (per-tensor reference), ``"foreach"`` (``torch._foreach_*``, grouped by device and
+dtype), ``"fused"`` (the default: C/OpenMP kernels on the CPU, Triton kernels on GPUs) and
+``"triton"`` (the Triton kernels wherever they run, CPU tensors through Triton's interpreter).
+A fast path that cannot run, or fails at any call, hands the step to ``"foreach"`` with a
+warning, for the rest of the run.
 """
 from __future__ import annotations
 
@@ -21,10 +24,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import _native
+from . import _comm, _native
 from ._layout import FlatLayout, whole_tensor_layout
 
-IMPLS = ("loop", "foreach", "fused")
+IMPLS = ("loop", "foreach", "fused", "triton")
 
 
 class Bucket:
@@ -42,6 +45,7 @@ class Bucket:
         self.process_group = next((lay.process_group for lay in layouts if lay.partitioned), None)
         self._keys_t: dict[torch.device, torch.Tensor] = {}
         self._plan: Optional[_native.BlockPlan] = None
+        self.triton_plan = None  # optim._triton.Plan, built at the first Triton step
         self.scratch: Optional[list[torch.Tensor]] = None  # foreach LAMB's in-place u
 
     def seg_keys_tensor(self, device: torch.device) -> torch.Tensor:
@@ -75,8 +79,6 @@ class Bucket:
 class LayerwiseOptimizer(torch.optim.Optimizer):
     """Base class: tracks which model tensor every stepped element belongs to."""
 
-    _compiled: dict = {}
-
     def __init__(self, params, defaults: dict, impl: Optional[str]) -> None:
         if impl is not None and impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS} or None (fastest available), got {impl!r}")
@@ -100,6 +102,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._last_trust: dict[int, tuple[list[int], torch.Tensor]] = {}  # first tensor -> (keys, ratios)
         self._bucket_cache: dict[int, tuple] = {}
         self._warned: set[str] = set()
+        self._failed: set[str] = set()  # fast paths that raised once: not tried again
         self._skip_steps_during_wrap = False  # set by optim.initialize around deepspeed.initialize
 
     # -- wiring by optim.zero for DeepSpeed's flattening wrappers ------------------------------
@@ -165,25 +168,42 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _choose_impl(self, tensors: list[torch.Tensor]) -> str:
         impl = self.impl or "fused"
-        if impl != "fused":
+        if impl in ("loop", "foreach"):
             return impl
-        if tensors and tensors[0].device.type == "cpu":
+        device = tensors[0].device
+        if impl == "fused" and device.type == "cpu":
             if _native.supports(tensors) and _native.library() is not None:
                 return "fused"
-            reason = _native.error() or "needs contiguous fp32 CPU tensors"
+            reason = _native.error() or "they need contiguous fp32 CPU tensors"
             self._warn_once("native", f"fused CPU kernels unavailable ({reason}); using foreach")
             return "foreach"
-        return "compiled"
+        if "triton" in self._failed:
+            return "foreach"
+        from . import _triton
+
+        reason = _triton.unavailable_reason(device)
+        if reason is None and tensors[0].dtype not in _triton.supported_dtypes():
+            reason = f"no kernels for {tensors[0].dtype}"
+        if reason is not None:
+            self._warn_once("triton", f"Triton kernels unavailable ({reason}); using foreach")
+            return "foreach"
+        return "triton"
+
+    def _fast_path_failed(self, key: str, exc: BaseException) -> None:
+        """A fast path raised: the caller redoes the work with foreach, for the rest of the run."""
+        self._failed.add(key)
+        self._warn_once(f"{key}-failed", f"{key} kernels failed ({type(exc).__name__}: {str(exc)[:300]}); "
+                                         "using foreach from now on")
 
     def _warn_once(self, key: str, msg: str) -> None:
+        """A warning that shows whatever ``impl`` was asked for: the slow path is several times slower."""
         if key not in self._warned:
             self._warned.add(key)
-            if self.impl == "fused":
-                warnings.warn(f"{type(self).__name__}: {msg}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"{type(self).__name__}: {msg}", RuntimeWarning, stacklevel=3)
 
     def _buckets(self, group: dict) -> list[Bucket]:
         with_grad = [p for p in group["params"] if p.grad is not None]
-        sig = tuple((id(p), p.data_ptr()) for p in with_grad)
+        sig = (tuple(map(id, with_grad)), tuple(map(torch.Tensor.data_ptr, with_grad)))  # C-level loops
         cached = self._bucket_cache.get(id(group))
         if cached is not None and cached[0] == sig:
             return cached[1]
@@ -204,12 +224,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         device = sums_and_keys[0][0].device
         totals = torch.zeros(sums_and_keys[0][0].shape[0], self._num_keys, dtype=torch.float64, device=device)
         for sums, keys in sums_and_keys:
-            totals.index_add_(1, keys.to(device), sums.to(device))
+            totals.index_add_(1, keys.to(device), sums.to(device, torch.float64))
         partitioned = [b for b in buckets if b.partitioned]
         if partitioned:
-            import torch.distributed as dist
-
-            dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=partitioned[0].process_group)
+            _comm.all_reduce_sum(totals, partitioned[0].process_group)  # NCCL gets no CPU tensor
         return totals
 
     def _remember(self, group: dict, ratios: torch.Tensor) -> None:
@@ -219,15 +237,3 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         keys = self._group_keys.get(first)
         if keys is not None:
             self._last_trust[first] = (keys, ratios)
-
-    def _compiled_fn(self, name: str, fn):
-        """``torch.compile`` of a foreach pass (Triton on GPUs); falls back to eager on failure."""
-        compiled = self._compiled.get(name)
-        if compiled is None:
-            try:
-                compiled = torch.compile(fn, dynamic=False)
-            except Exception as exc:  # noqa: BLE001 - any backend failure means: run eagerly
-                self._warn_once("compile", f"torch.compile unavailable ({exc}); using foreach")
-                compiled = fn
-            self._compiled[name] = compiled
-        return compiled

@@ -13,11 +13,12 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from . import registry, schedules, zero
 from ._layerwise import LayerwiseOptimizer
 from .param_groups import param_groups
+from .precision import resolve_precision
 
 
 def load_config(config: Union[str, Path, dict]) -> dict:
@@ -82,13 +83,19 @@ def build_optimizer(model, config: dict, model_parameters=None):
 
 
 def initialize(model=None, config: Union[str, Path, dict, None] = None, model_parameters=None,
-               **kwargs: Any):
-    """Drop-in for ``deepspeed.initialize``; returns ``(engine, optimizer, dataloader, scheduler)``."""
+               effective: Optional[dict] = None, **kwargs: Any):
+    """Drop-in for ``deepspeed.initialize``; returns ``(engine, optimizer, dataloader, scheduler)``.
+
+    ``"auto"`` precision is resolved (:mod:`optim.precision`). With ``effective`` (a dict), it is
+    filled with the configuration the run really uses: what DeepSpeed received, plus the
+    optimizer and scheduler blocks built here."""
     import deepspeed
 
     if config is None:
         raise ValueError("optim.initialize needs config= (a DeepSpeed JSON path or dict)")
     cfg = load_config(config)
+    resolve_precision(cfg)
+    own_blocks = {k: copy.deepcopy(cfg[k]) for k in ("optimizer", "scheduler") if k in cfg}
     opt_type = cfg.get("optimizer", {}).get("type") if isinstance(cfg.get("optimizer"), dict) else None
     if opt_type is not None and registry.is_registered(opt_type):
         if "optimizer" in kwargs:
@@ -118,4 +125,7 @@ def initialize(model=None, config: Union[str, Path, dict, None] = None, model_pa
         engine, opt, loader, sched = deepspeed.initialize(
             model=model, config=cfg, model_parameters=model_parameters, **kwargs)
     zero.attach(engine)
+    if effective is not None:
+        effective.clear()
+        effective.update(copy.deepcopy(cfg), **own_blocks)
     return engine, opt, loader, sched

@@ -66,7 +66,8 @@ class Lamb(LayerwiseOptimizer):
             decay/no-decay split with names for telemetry).
         lr, betas, eps, weight_decay: as in Adam/AdamW (decoupled weight decay inside u).
         variant: ``"paper"``, ``"nvidia"`` or ``"deepspeed"`` (see module docstring).
-        impl: ``"loop"``, ``"foreach"``, ``"fused"`` or ``None`` (fastest that works here).
+        impl: ``"loop"``, ``"foreach"``, ``"fused"`` (C kernels on the CPU, Triton on GPUs),
+            ``"triton"`` or ``None`` (= ``"fused"``; falls back to foreach, with a warning).
         keep_grads: ``False`` (default) lets ``step()`` use each ``p.grad`` as scratch space for
             the update direction, as apex's FusedLAMB does: the fused CPU step is then faster and
             the multi-tensor one needs no model-sized buffer, but the gradients hold scratch
@@ -107,9 +108,14 @@ class Lamb(LayerwiseOptimizer):
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             if not grads:
                 return None
-            norms = [torch.linalg.vector_norm(n.to(torch.float64)) for n in torch._foreach_norm(grads)]
-            device = grads[0].device
-            norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+            # Per-tensor norms in one multi-tensor kernel, then one float64 norm of them: a few
+            # launches, not two per tensor (hundreds of them cost milliseconds on a GPU).
+            norms = torch._foreach_norm(grads)
+            try:
+                stacked = torch.stack(norms)
+            except RuntimeError:  # gradients on several devices
+                stacked = torch.stack([n.to(grads[0].device) for n in norms])
+            norm = torch.linalg.vector_norm(stacked.to(torch.float64))
         return 1.0 / torch.clamp(norm / max_norms.pop(), min=1.0)
 
     def _prepare_step(self) -> Optional[torch.Tensor]:
@@ -118,15 +124,17 @@ class Lamb(LayerwiseOptimizer):
     def _step_group(self, group: dict, buckets: list[Bucket], grad_scale: Optional[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
         t = None
+        bucket_states = []
         for b in buckets:
-            for p in b.params:
-                state = self.state[p]
+            states = [self.state[p] for p in b.params]  # one lookup per tensor and step
+            for p, state in zip(b.params, states):
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                t = state["step"] if t is None else t
+            t = states[0]["step"] if t is None else t
+            bucket_states.append(states)
         mode = group["bias_correction"]
         bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
         hp = dict(beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"],
@@ -136,24 +144,25 @@ class Lamb(LayerwiseOptimizer):
         step_size = group["lr"] * (math.sqrt(bc2) / bc1 if mode == "step" else 1.0)
 
         runs = []
-        for b in buckets:
+        for b, states in zip(buckets, bucket_states):
             ws = b.params
             gs = [p.grad for p in ws]
-            ms = [self.state[p]["exp_avg"] for p in ws]
-            vs = [self.state[p]["exp_avg_sq"] for p in ws]
+            ms = [s["exp_avg"] for s in states]
+            vs = [s["exp_avg_sq"] for s in states]
             impl = self._choose_impl(ws + gs + ms + vs)
             gscale = None if grad_scale is None else grad_scale.to(ws[0].device, ws[0].dtype)
             scratch = None if self.keep_grads or not _grads_usable_as_scratch(ws, gs) else gs
+            if impl == "triton":
+                try:
+                    sums, extra = _triton().lamb_pass1(b, ws, gs, ms, vs, hp, gscale, scratch)
+                except Exception as exc:  # noqa: BLE001 - e.g. compilation: nothing was written yet
+                    self._fast_path_failed("triton", exc)
+                    impl = "foreach"
             if impl == "fused":
                 sums, extra = _pass1_native(b, ws, gs, ms, vs, hp, gscale, scratch)
-            elif impl == "compiled":
-                # Step-dependent scalars as tensors, so the graph is compiled once, not per step.
-                hp_t = dict(hp, inv_bc1=torch.tensor(hp["inv_bc1"], device=ws[0].device),
-                            inv_bc2=torch.tensor(hp["inv_bc2"], device=ws[0].device))
-                sums, extra = self._compiled_fn("lamb1", _pass1_foreach)(b, ws, gs, ms, vs, hp_t, gscale, scratch)
             elif impl == "foreach":
                 sums, extra = _pass1_foreach(b, ws, gs, ms, vs, hp, gscale, scratch)
-            else:
+            elif impl == "loop":
                 sums, extra = _pass1_loop(b, ws, gs, ms, vs, hp, gscale)
             runs.append((b, impl, ws, ms, vs, extra, sums))
 
@@ -169,16 +178,29 @@ class Lamb(LayerwiseOptimizer):
 
         scaled = ratio * -step_size
         for b, impl, ws, ms, vs, extra, _ in runs:
+            if impl == "triton":
+                try:
+                    _triton().lamb_pass2(b, ws, ms, vs, extra, scaled)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - finish this step with foreach
+                    self._fast_path_failed("triton", exc)
+                    hp_, us = extra
+                    extra = us if us is not None else [_update_direction(m, v, w, hp_) for m, v, w in zip(ms, vs, ws)]
+                    impl = "foreach"
             if impl == "fused":
                 _pass2_native(b, ws, ms, vs, extra, scaled)
             else:
                 scale = scaled.index_select(0, b.seg_keys_tensor(scaled.device)).to(ws[0].device, ws[0].dtype)
                 if impl == "loop":
                     _pass2_loop(b, ws, extra, scale)
-                elif impl == "compiled":
-                    self._compiled_fn("lamb2", _pass2_foreach)(b, ws, extra, scale)
                 else:
                     _pass2_foreach(b, ws, extra, scale)
+
+
+def _triton():
+    from . import _triton as module  # imported on first GPU step: triton is optional
+
+    return module
 
 
 def _grads_usable_as_scratch(ws, gs) -> bool:
@@ -186,13 +208,11 @@ def _grads_usable_as_scratch(ws, gs) -> bool:
     shape (not, e.g., bf16 gradients of fp32 weights), no two are the same tensor (it would
     receive two tensors' u), and none is part of an autograd graph (``create_graph=True``).
     Otherwise the fused step recomputes u in pass 2 and the multi-tensor one keeps a buffer."""
-    ptrs = set()
     for g, w in zip(gs, ws):
-        if g.dtype != w.dtype or g.shape != w.shape or not g.is_contiguous() or g.requires_grad:
+        if g.dtype != w.dtype or g.shape != w.shape or g.requires_grad or not g.is_contiguous():
             return False
-        if g.numel():
-            ptrs.add(g.data_ptr())
-    return len(ptrs) == sum(1 for g in gs if g.numel())
+    ptrs = [ptr for ptr, n in zip(map(torch.Tensor.data_ptr, gs), map(torch.Tensor.numel, gs)) if n]
+    return len(set(ptrs)) == len(ptrs)
 
 
 # ---------------------------------------------------------------------------------------

@@ -43,11 +43,17 @@ class Lars(LayerwiseOptimizer):
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 bufs.append(state["momentum_buffer"])
             impl = self._choose_impl(ws + gs + bufs)
+            if impl == "triton":
+                try:
+                    sums = _triton().sumsq2(b, ws, gs)
+                except Exception as exc:  # noqa: BLE001 - e.g. compilation: nothing was written
+                    self._fast_path_failed("triton", exc)
+                    impl = "foreach"
             if impl == "fused":
                 sums = _sums_native(b, ws, gs)
             elif impl == "loop":
                 sums = _sums_loop(b, ws, gs)
-            else:
+            elif impl == "foreach":
                 sums = _sums_foreach(b, ws, gs)
             runs.append((b, impl, ws, gs, bufs, sums))
 
@@ -60,6 +66,13 @@ class Lars(LayerwiseOptimizer):
         self._remember(group, rate)
 
         for b, impl, ws, gs, bufs, _ in runs:
+            if impl == "triton":
+                try:
+                    _triton().lars_apply(b, ws, gs, bufs, rate, mom, wd, lr)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - finish this step with foreach
+                    self._fast_path_failed("triton", exc)
+                    impl = "foreach"
             if impl == "fused":
                 _apply_native(b, ws, gs, bufs, rate, mom, wd, lr)
                 continue
@@ -67,8 +80,13 @@ class Lars(LayerwiseOptimizer):
             if impl == "loop":
                 _apply_loop(b, ws, gs, bufs, seg_rate.to(ws[0].device, ws[0].dtype), mom, wd, lr)
             else:
-                fn = _apply_foreach if impl == "foreach" else self._compiled_fn("lars2", _apply_foreach)
-                fn(b, ws, gs, bufs, seg_rate.to(ws[0].device, ws[0].dtype), mom, wd, lr)
+                _apply_foreach(b, ws, gs, bufs, seg_rate.to(ws[0].device, ws[0].dtype), mom, wd, lr)
+
+
+def _triton():
+    from . import _triton as module  # imported on first GPU step: triton is optional
+
+    return module
 
 
 def _sums_loop(b: Bucket, ws, gs):
