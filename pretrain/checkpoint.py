@@ -6,17 +6,23 @@ Layout of ``OUTPUT/checkpoints``::
         client_state in DeepSpeed's model file: step, samples, sampler position, config hash
         rng_rank{r}.pt      each rank's RNG states (dropout), for a bitwise resume
         model_config.json   the BertConfig, so the checkpoint exports on its own
-    latest                  name of the newest complete checkpoint
+        complete.json       written last, once every rank has finished: each file's size
+    latest                  name of the newest complete checkpoint (a convenience for humans)
 
-DeepSpeed is told not to write ``latest``; after every rank has finished its files, rank 0
-replaces ``latest`` atomically (temp file + rename). A crash while saving therefore leaves the
-previous ``latest`` in force, and the unfinished directory is removed by the next save.
+A checkpoint is *complete* when its ``complete.json`` exists and every file it lists has the
+size it records. Only complete checkpoints are resumed from, exported or pruned, and they are
+found by listing the directory, not through ``latest``: a missing, empty or stale ``latest``, a
+checkpoint directory deleted by hand, or a file truncated by a full disk makes a resume fall back
+to the newest complete checkpoint, never start over and prune the good ones. An unfinished save
+(no ``complete.json``, newer than every complete checkpoint) is removed by the next save.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -36,12 +42,56 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def latest_tag(ckpt_dir: Path) -> Optional[str]:
-    f = ckpt_dir / "latest"
-    if not f.is_file():
-        return None
-    tag = f.read_text().strip()
-    return tag if (ckpt_dir / tag).is_dir() else None
+MARKER = "complete.json"
+
+
+def step_of(tag: str) -> Optional[int]:
+    if tag.startswith(TAG_PREFIX) and tag[len(TAG_PREFIX):].isdigit():
+        return int(tag[len(TAG_PREFIX):])
+    return None
+
+
+def check_complete(tag_dir: Path) -> Optional[str]:
+    """None when ``tag_dir`` is a complete checkpoint, else why it is not."""
+    marker = tag_dir / MARKER
+    if not marker.is_file():
+        return f"{tag_dir.name} is unfinished (no {MARKER})"
+    try:
+        sizes = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{tag_dir.name}/{MARKER} is unreadable"
+    for name, size in sizes.items():
+        f = tag_dir / name
+        if not f.is_file():
+            return f"{tag_dir.name}/{name} is missing"
+        if f.stat().st_size != size:
+            return f"{tag_dir.name}/{name} is truncated or changed ({f.stat().st_size} of {size} bytes)"
+    return None
+
+
+def checkpoint_dirs(ckpt_dir: Path) -> list[str]:
+    """Every checkpoint directory (complete or not), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and step_of(p.name) is not None)
+
+
+def complete_tags(ckpt_dir: Path, report=None) -> list[str]:
+    """Complete checkpoints, oldest first; ``report(message)`` hears why others are skipped."""
+    out = []
+    for tag in checkpoint_dirs(ckpt_dir):
+        why = check_complete(ckpt_dir / tag)
+        if why is None:
+            out.append(tag)
+        elif report is not None:
+            report(why)
+    return out
+
+
+def latest_tag(ckpt_dir: Path, report=None) -> Optional[str]:
+    """The newest complete checkpoint (whatever the ``latest`` file says)."""
+    tags = complete_tags(ckpt_dir, report)
+    return tags[-1] if tags else None
 
 
 def resolve(path: str | Path) -> tuple[Path, str]:
@@ -52,9 +102,15 @@ def resolve(path: str | Path) -> tuple[Path, str]:
         if tag:
             return ckpt_dir, tag
     if path.is_dir() and any(path.glob("*model_states.pt")):
+        why = check_complete(path) if (path / MARKER).is_file() else None
+        if why:
+            raise FileNotFoundError(f"{path}: incomplete checkpoint: {why}")
         return path.parent, path.name
-    raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (expected OUTPUT/checkpoints/latest, "
-                            "a checkpoints dir with 'latest', or a checkpoint directory)")
+    if checkpoint_dirs(path / "checkpoints") or checkpoint_dirs(path):
+        raise FileNotFoundError(f"{path}: no complete checkpoint (every checkpoint directory there is unfinished, "
+                                "truncated or missing files)")
+    raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (expected OUTPUT/checkpoints/stepNNNNNNN, a "
+                            "checkpoints dir, or a checkpoint directory)")
 
 
 def rng_state() -> dict:
@@ -78,21 +134,27 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, output: Path, step: int, client_state: dict, model_config_json: str, keep: int) -> Path:
-    """Write checkpoint ``step`` on every rank; rank 0 then publishes it and prunes old ones."""
+    """Write checkpoint ``step`` on every rank; rank 0 then marks it complete and prunes."""
     import deepspeed.comm as dist
 
     ckpt_dir = output / "checkpoints"
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    rank = dist.get_rank()
     tag_dir = ckpt_dir / tag
+    rank = dist.get_rank()
+    if rank == 0 and tag_dir.is_dir():  # an unfinished save of this step from a run that died
+        shutil.rmtree(tag_dir)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     tmp = tag_dir / f".rng_rank{rank}.pt.tmp"
     torch.save(rng_state(), tmp)
     os.replace(tmp, tag_dir / f"rng_rank{rank}.pt")
     if rank == 0:
         atomic_write_text(tag_dir / "model_config.json", model_config_json)
-    dist.barrier()
+    dist.barrier()  # every rank's files are on disk
     if rank == 0:
+        files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != MARKER
+                 and not p.name.startswith(".")}
+        atomic_write_text(tag_dir / MARKER, json.dumps({"step": step, "files": files}, indent=1))
         atomic_write_text(ckpt_dir / "latest", tag)
         prune(ckpt_dir, keep)
     dist.barrier()
@@ -100,50 +162,113 @@ def save(engine, output: Path, step: int, client_state: dict, model_config_json:
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; drop older ones and unfinished leftovers."""
-    current = latest_tag(ckpt_dir)
-    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
-    if current is None:
+    """Keep the newest ``keep`` complete checkpoints; remove older complete ones and unfinished
+    saves newer than the newest complete one. Anything else is left alone."""
+    complete = complete_tags(ckpt_dir)
+    if not complete:
         return
-    complete = [t for t in tags if t <= current]
     doomed = complete[:-keep] if keep > 0 else []
-    doomed += [t for t in tags if t > current]  # written after `latest`: an interrupted save
+    newest = step_of(complete[-1])
+    doomed += [t for t in checkpoint_dirs(ckpt_dir) if t not in complete and step_of(t) > newest]
     for t in doomed:
         shutil.rmtree(ckpt_dir / t, ignore_errors=True)
 
 
-def load_resume(engine, output: Path) -> Optional[dict]:
-    """Restore the newest checkpoint of this run (engine, RNG); returns its client state."""
+def load_resume(engine, output: Path, announce: bool = True) -> Optional[dict]:
+    """Restore the newest complete checkpoint of this run that loads (engine, RNG); returns its
+    client state. Checkpoints that are incomplete or fail to load are skipped with a message."""
     import deepspeed.comm as dist
 
     ckpt_dir = output / "checkpoints"
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        return None
-    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    rng = ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt"
-    if rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=False))
-    client["_tag"] = tag
-    return client
+    say = (lambda m: print(f"resume: skipping {m}", file=sys.stderr, flush=True)) if announce else None
+    for tag in reversed(complete_tags(ckpt_dir, say)):
+        client, why = None, None
+        try:
+            _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            if client is None:
+                why = "DeepSpeed found no state in it"
+        except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint: try the one before
+            why = f"it does not load ({type(exc).__name__}: {str(exc)[:200]})"
+        # Every rank must resume from the same checkpoint: one that failed anywhere is skipped.
+        failed = torch.tensor([0.0 if why is None else 1.0], device=engine.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() > 0:
+            if say:
+                say(f"{tag}: {why or 'it does not load on another rank'}")
+            continue
+        rng = ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt"
+        if rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=False))
+        client["_tag"] = tag
+        return client
+    return None
+
+
+def restore_phase1_optimizer(engine, ckpt_dir: Path, tag: str, mode: str) -> None:
+    """Phase 2 from phase 1: the engine's weights and, per ``mode``, the optimizer state.
+
+    ``keep``: LAMB's moments, with the step count restarted (bias correction from t = 1), as
+    NVIDIA's phase 2; ``keep_step``: moments and step count as phase 1 left them. Either way
+    the learning rate, schedule and hyperparameters are phase 2's own (loading the optimizer
+    also restores phase 1's param-group settings, among them its last learning rate, often 0)
+    and the engine's step counters start from 0.
+    """
+    from .config import ConfigError
+
+    own = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    try:
+        engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    except (RuntimeError, ValueError, KeyError, AssertionError) as exc:
+        raise ConfigError(
+            f"cannot restore the optimizer state of {ckpt_dir / tag} ({type(exc).__name__}: {str(exc)[:200]}); "
+            "ZeRO partitions the state by rank, so phase 2 must keep phase 1's world size and ZeRO stage, "
+            "or set pretrain.init_optimizer_state to \"reset\"") from None
+    for group, settings in zip(engine.optimizer.param_groups, own):
+        group.update(settings)
+    if mode == "keep":
+        inner = getattr(engine, "basic_optimizer", None) or engine.optimizer
+        for state in inner.state.values():
+            if "step" in state:
+                state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
+    engine.global_steps = engine.global_samples = engine.skipped_steps = 0
 
 
 def fp32_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """Full-precision model weights of a DeepSpeed checkpoint (any ZeRO stage, any world size).
 
-    ZeRO checkpoints hold the fp32 master weights in the optimizer partitions; they are merged.
-    Without ZeRO the model file holds the weights (in the precision the model trained in).
+    ZeRO checkpoints hold the fp32 master weights in the optimizer partitions; they are merged,
+    and a missing or broken partition is an error naming the file, never a silent fall-back to
+    the 16-bit weights. Without ZeRO the model file holds the weights (in the precision the model
+    trained in; DeepSpeed's bf16 optimizer of stage 0 writes ``bf16_zero_pp_rank_*`` files that
+    are not ZeRO partitions).
     """
     tag_dir = ckpt_dir / tag
-    if any(tag_dir.glob("*optim_states.pt")):
+    if (tag_dir / MARKER).is_file():
+        why = check_complete(tag_dir)
+        if why:
+            raise FileNotFoundError(f"{ckpt_dir}: checkpoint {why}")
+    model_files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not model_files:
+        raise FileNotFoundError(f"{tag_dir}: no mp_rank_*_model_states.pt; not a DeepSpeed checkpoint")
+    try:  # memory-mapped: only the small entries are read unless the weights are needed
+        states = torch.load(model_files[0], map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{model_files[0]}: unreadable ({type(exc).__name__}: {str(exc)[:200]}); "
+                         "the file may be truncated") from None
+    stage = int(((states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
+    if stage >= 1:
+        world = int(states.get("dp_world_size") or 1)
+        prefix = "bf16_" if any(tag_dir.glob("bf16_zero_pp_rank_*")) else ""
+        missing = [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)
+                   if not (tag_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{tag_dir}: ZeRO-{stage} checkpoint of {world} ranks, partition file(s) "
+                                    f"missing: {', '.join(missing)}")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         try:
             return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-        except (ValueError, KeyError):
-            pass  # not a ZeRO layout (e.g. the bf16 optimizer of stage 0): use the model file
-    model_files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-    if not model_files:
-        raise FileNotFoundError(f"{tag_dir}: no mp_rank_*_model_states.pt; not a DeepSpeed checkpoint")
-    module = torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in module.items()}
+        except Exception as exc:  # noqa: BLE001 - name the checkpoint and the cause, no traceback
+            raise ValueError(f"{tag_dir}: cannot merge the ZeRO partitions into fp32 weights "
+                             f"({type(exc).__name__}: {str(exc)[:300]}); a file may be truncated") from None
+    return {k: v.float() for k, v in states["module"].items()}

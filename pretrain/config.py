@@ -16,7 +16,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-KNOWN_PHASE_STATE = ("keep", "reset")
+# Phase 2's LAMB state from phase 1: "keep" the moments and restart the step count (bias
+# correction from t = 1, as NVIDIA's phase 2), "keep_step" the moments and the step count, or
+# "reset" both (a fresh optimizer; any world size).
+KNOWN_PHASE_STATE = ("keep", "keep_step", "reset")
 
 
 class ConfigError(ValueError):
@@ -36,7 +39,7 @@ class PretrainConfig:
     max_steps: int = 1000                 # optimizer steps of this phase
     seed: int = 42
     init_checkpoint: Optional[str] = None  # phase 2: phase 1's output dir or a checkpoint/export dir
-    init_optimizer_state: str = "keep"     # phase 2: "keep" LAMB moments (NVIDIA's recipe) or "reset"
+    init_optimizer_state: str = "keep"     # phase 2: "keep" (NVIDIA's), "keep_step" or "reset"; see above
     log_every: int = 10                   # steps between progress lines / metrics.jsonl records
     eval_every: int = 0                   # steps between held-out MLM evaluations (0: only at the end)
     eval_samples: int = 512               # held-out samples per evaluation
@@ -47,19 +50,23 @@ class PretrainConfig:
     num_workers: int = 1                  # DataLoader workers per rank
     trust_ratio_histogram_every: int = 100  # steps between TensorBoard trust-ratio histograms (0: off)
     tensorboard: bool = True
+    max_consecutive_skips: int = 50       # fp16: steps in a row the loss scaler may skip before the run stops
+    peak_tflops: Optional[float] = None   # accelerator peak for MFU (default: pretrain.metrics.PEAK_TFLOPS)
     extra: dict = field(default_factory=dict, repr=False)
 
     def validate(self, source: str) -> None:
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"{source}: pretrain.{key} {why}")
 
-        for key in ("seq_len", "max_predictions", "max_steps", "log_every", "keep_checkpoints"):
+        for key in ("seq_len", "max_predictions", "max_steps", "log_every", "keep_checkpoints", "max_consecutive_skips"):
             if int(getattr(self, key)) <= 0:
                 raise bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
         for key in ("eval_every", "checkpoint_every", "validation_shards", "num_workers", "eval_samples",
                     "trust_ratio_histogram_every"):
             if int(getattr(self, key)) < 0:
                 raise bad(key, f"must be >= 0, got {getattr(self, key)!r}")
+        if self.peak_tflops is not None and not float(self.peak_tflops) > 0:
+            raise bad("peak_tflops", f"must be a positive number, got {self.peak_tflops!r}")
         if self.init_optimizer_state not in KNOWN_PHASE_STATE:
             raise bad("init_optimizer_state", f"must be one of {KNOWN_PHASE_STATE}, got {self.init_optimizer_state!r}")
         if self.max_predictions > self.seq_len:

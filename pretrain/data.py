@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from data_prep import DistributedPretrainingSampler, PretrainingDataset
 
 from .config import ConfigError, PretrainConfig
+from .stop import ignore_in_worker
 
 
 @dataclass
@@ -77,8 +78,9 @@ class TrainStream:
     """Endless micro-batches for one rank, epoch after epoch, with a resumable position."""
 
     def __init__(self, dataset: PretrainingDataset, micro_batch: int, world: int, rank: int, seed: int,
-                 num_workers: int) -> None:
+                 num_workers: int, pin_memory: bool = False) -> None:
         self.dataset, self.micro_batch, self.num_workers = dataset, micro_batch, num_workers
+        self.pin_memory = pin_memory  # page-locked batches: the copy to a GPU overlaps compute
         self.sampler = DistributedPretrainingSampler(dataset, world, rank, seed=seed)
         if self.sampler.per_rank < micro_batch:
             raise ConfigError(f"{dataset.path}: {len(dataset)} training samples give each of {world} ranks "
@@ -98,7 +100,8 @@ class TrainStream:
         self.dataset.set_epoch(self.sampler.epoch)
         loader = DataLoader(self.dataset, batch_size=self.micro_batch, sampler=self.sampler, drop_last=True,
                             num_workers=self.num_workers, persistent_workers=False,
-                            prefetch_factor=4 if self.num_workers else None,
+                            prefetch_factor=4 if self.num_workers else None, pin_memory=self.pin_memory,
+                            worker_init_fn=ignore_in_worker,  # a stop signal is the rank's to handle
                             # its own generator: creating an iterator must not draw from the global
                             # RNG (dropout), or a resumed run would not repeat the same masks
                             generator=torch.Generator().manual_seed(0))

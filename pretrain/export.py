@@ -86,7 +86,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         out = export(args.checkpoint, args.out, args.vocab)
     except (FileNotFoundError, ValueError) as exc:
         print(f"export: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(f"export: wrote {out}")
     return 0
 

@@ -1,8 +1,14 @@
 """Progress lines, ``metrics.jsonl`` and TensorBoard, written by rank 0 only.
 
-Every ``log_every`` steps one record: step, loss, MLM/NSP accuracy, lr, samples/s, tokens/s,
-loss scale and trust-ratio min/median/max. Accuracies are exact over the interval and all ranks
-(correct and total counts are summed, not averaged ratios).
+Every ``log_every`` steps one record: step, loss, MLM/NSP accuracy, lr, samples/s, tokens/s (real
+tokens, padding not counted), MFU, peak accelerator memory, loss scale and skipped steps (fp16),
+and trust-ratio min/median/max. Accuracies are exact over the interval and all ranks (correct and
+total counts are summed, not averaged ratios).
+
+MFU is model FLOPs per second over the accelerator's peak: 6 x parameters x sequence positions
+per sample (the count behind NVIDIA's and DeepSpeed's published BERT figures; padding positions
+are computed, so they count), divided by the dense peak of the precision in use, from
+:data:`PEAK_TFLOPS` by device name or from ``pretrain.peak_tflops``.
 """
 from __future__ import annotations
 
@@ -12,6 +18,49 @@ import statistics
 import time
 from pathlib import Path
 from typing import Optional
+
+# Dense (no sparsity) peak TFLOP/s per GPU from the vendors' data sheets: (bf16/fp16 tensor cores,
+# fp32 without TF32). First match of the device name wins, so variants come before the family.
+PEAK_TFLOPS: list[tuple[str, tuple[float, float]]] = [
+    ("H100 PCIe", (756.0, 51.0)), ("H100 NVL", (835.0, 60.0)), ("H100", (989.0, 67.0)), ("H200", (989.0, 67.0)),
+    ("H800", (989.0, 67.0)), ("GH200", (989.0, 67.0)), ("B200", (2250.0, 80.0)), ("A100", (312.0, 19.5)),
+    ("A800", (312.0, 19.5)), ("A10G", (70.0, 31.2)), ("A10", (125.0, 31.2)), ("L40S", (362.0, 91.6)),
+    ("L4", (121.0, 30.3)), ("V100", (125.0, 15.7)), ("T4", (65.0, 8.1)),
+]
+
+
+def peak_tflops(device_name: str, precision: str) -> Optional[float]:
+    """The table's peak for ``precision`` ("bf16", "fp16" or "fp32") on this device, or None."""
+    for key, (half, single) in PEAK_TFLOPS:
+        if key in device_name:
+            return single if precision == "fp32" else half
+    return None
+
+
+def device_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return "cpu"
+    import torch
+
+    try:  # torch.cuda / torch.xpu / ... .get_device_name(); not every backend has one
+        return str(torch.get_device_module(acc.device_name()).get_device_name())
+    except Exception:  # noqa: BLE001
+        return acc.device_name()
+
+
+def peak_memory_gib() -> Optional[float]:
+    """Peak accelerator memory allocated by this process since the last call (None on the CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return None
+    peak = acc.max_memory_allocated() / 2 ** 30
+    acc.reset_peak_memory_stats()
+    return peak
 
 
 class MetricsLogger:
@@ -35,8 +84,16 @@ class MetricsLogger:
         """Drop records past ``step``: a resumed run logs those steps again (a fresh run: all)."""
         if not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = []
+        for n, line in enumerate(self.path.read_text(errors="replace").splitlines(), start=1):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                if line.strip():  # a torn last line from a crash while writing: dropped
+                    print(f"metrics: dropping unreadable line {n} of {self.path}", flush=True)
+                continue
+            if isinstance(rec, dict) and rec.get("step", 0) <= step:
+                keep.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         tmp.replace(self.path)
@@ -72,8 +129,12 @@ class MetricsLogger:
                      f"mlm_acc {record['mlm_acc']:.3f}", f"nsp_acc {record['nsp_acc']:.3f}",
                      f"lr {record['lr']:.3e}", f"{record['samples_per_s']:.1f} samples/s",
                      f"{record['tokens_per_s']:.0f} tok/s"]
+            if record.get("mfu") is not None:
+                parts.append(f"MFU {100 * record['mfu']:.1f}%")
+            if record.get("peak_mem_gib") is not None:
+                parts.append(f"mem {record['peak_mem_gib']:.1f} GiB")
             if record.get("loss_scale") is not None:
-                parts.append(f"scale {record['loss_scale']:g}")
+                parts.append(f"scale {record['loss_scale']:g} skipped {record.get('skipped_steps', 0)}")
             if "trust_median" in record:
                 parts.append(f"trust {record['trust_min']:.3g}/{record['trust_median']:.3g}/{record['trust_max']:.3g}")
             print(" | ".join(parts), flush=True)

@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import os
-import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -33,8 +32,10 @@ import torch  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
 from pretrain import config as config_mod  # noqa: E402
 from pretrain import data as data_mod  # noqa: E402
-from pretrain.metrics import MetricsLogger  # noqa: E402
+from pretrain.metrics import MetricsLogger, device_name, peak_memory_gib, peak_tflops  # noqa: E402
 from pretrain.model import build_model, count_parameters, load_weights  # noqa: E402
+from pretrain.steps import StepAccountant, TrainingDiverged  # noqa: E402
+from pretrain.stop import StopRequest  # noqa: E402
 
 # Keys whose change would make a resumed run a different run.
 RESUME_KEYS = ("optimizer", "scheduler", "train_batch_size", "zero_optimization", "bf16", "fp16",
@@ -61,27 +62,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step and exits."""
-
-    def __init__(self) -> None:
-        self.signal = 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, _frame) -> None:
-        if self.signal:  # second signal: give up at once
-            raise KeyboardInterrupt
-        self.signal = signum
-        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
-
-
 def fingerprint(ds_cfg: dict, cfg, manifest: dict) -> dict:
     flat = dict(ds_cfg, **{f"pretrain.{k}": v for k, v in asdict(cfg).items()})
     flat["data.build_id"] = manifest.get("build_id")
     picked = {k: flat.get(k) for k in RESUME_KEYS}
     picked["hash"] = hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return picked
+
+
+def check_init_vocab(path: str, manifest: dict) -> None:
+    """Phase 2 must read the data with phase 1's vocabulary: the same token ids, the same words."""
+    data_vocab = manifest.get("vocab", {})
+    want_sha, want_size = data_vocab.get("sha256"), int(data_vocab.get("size", 0))
+    p = Path(path)
+    got_sha = got_size = None
+    if (p / "config.json").is_file():  # an HF export
+        got_size = json.loads((p / "config.json").read_text()).get("vocab_size")
+        if (p / "vocab.txt").is_file():
+            from data_prep.vocab import load_vocab
+
+            got_sha = load_vocab(p).sha256
+    else:
+        ckpt_dir, tag = checkpoint.resolve(p)
+        meta_file = ckpt_dir / tag / "model_config.json"
+        if meta_file.is_file():
+            meta = json.loads(meta_file.read_text())
+            got_sha, got_size = meta.get("vocab_sha256"), meta.get("bert", {}).get("vocab_size")
+    if (got_sha and want_sha and got_sha != want_sha) or (got_size and got_size != want_size):
+        raise config_mod.ConfigError(
+            f"--init-checkpoint {path}: trained with another vocabulary ({got_size} tokens"
+            + (f", sha256 {got_sha[:12]}" if got_sha else "") + f") than the data's ({want_size} tokens"
+            + (f", sha256 {want_sha[:12]}" if want_sha else "") + "): the same token ids would mean other words. "
+            "Build phase 2's data with phase 1's vocab (data_prep build --vocab)")
 
 
 def init_weights(model, path: str, engine_loads_deepspeed: bool) -> tuple[str, Path | None, str | None]:
@@ -129,9 +141,14 @@ def main(argv=None) -> int:
 
     import deepspeed
     import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
 
     import optim
 
+    try:
+        precision = optim.resolve_precision(ds_cfg, source=args.config)  # "auto" -> bf16/fp16/fp32
+    except ValueError as exc:
+        raise config_mod.ConfigError(str(exc)) from None
     # A process started without a launcher binds DeepSpeed's default port unless told otherwise;
     # honouring MASTER_PORT lets several single-process runs share a machine.
     deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
@@ -139,145 +156,184 @@ def main(argv=None) -> int:
     glob, micro, accum = config_mod.resolve_batch(ds_cfg, world, args.config)
     output = Path(cfg.output)
     is_main = rank == 0
-    if is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write_text(output / "config.effective.json",
-                                     json.dumps(config_mod.effective(ds_cfg, cfg), indent=1))
+    present = checkpoint.checkpoint_dirs(output / "checkpoints")
     existing = checkpoint.latest_tag(output / "checkpoints")
-    if existing and not args.resume:
-        raise config_mod.ConfigError(f"{output} already holds checkpoints (latest {existing}); pass --resume to "
-                                     "continue that run, or choose another --output")
+    if present and not args.resume:
+        raise config_mod.ConfigError(f"{output} already holds checkpoints (latest {existing or 'none complete'}; "
+                                     f"{len(present)} checkpoint dirs); pass --resume to continue that run, or choose "
+                                     "another --output")
+    if args.resume and present and existing is None:
+        raise config_mod.ConfigError(f"--resume: no complete checkpoint among {', '.join(present)} in "
+                                     f"{output / 'checkpoints'} (each is unfinished or has missing or truncated files); "
+                                     "move them away to start over")
     resuming = args.resume and existing is not None
     if args.resume and not resuming and is_main:
         print(f"--resume: no checkpoint in {output / 'checkpoints'}; starting from step 0", flush=True)
 
-    # -- model, optionally initialised from phase 1 ------------------------------------------
-    model = build_model(cfg.model, info.vocab_size, cfg.seed)
-    init_kind = init_ckpt_dir = init_tag = None
+    # -- model, optionally initialised from phase 1; engine: DeepSpeed + our optimizer ----------
     if cfg.init_checkpoint and not resuming:
-        init_kind, init_ckpt_dir, init_tag = init_weights(model, cfg.init_checkpoint,
-                                                          cfg.init_optimizer_state == "keep")
+        check_init_vocab(cfg.init_checkpoint, info.manifest)
+    model = build_model(cfg.model, info.vocab_size, cfg.seed)
+    n_params = count_parameters(model)
+    init_kind = init_ckpt_dir = init_tag = None
+    keep_state = cfg.init_optimizer_state != "reset"
+    if cfg.init_checkpoint and not resuming:
+        init_kind, init_ckpt_dir, init_tag = init_weights(model, cfg.init_checkpoint, keep_state)
     model_meta = json.dumps({"bert": model.config.to_dict(), "vocab_dir": str(info.vocab_dir or ""),
+                             "vocab_sha256": info.manifest.get("vocab", {}).get("sha256"),
                              "pretrain": asdict(cfg)}, indent=1)
+    effective: dict = {}
+    engine, _, _, _ = optim.initialize(model=model, config=ds_cfg, effective=effective)
+    if init_kind == "deepspeed" and keep_state:
+        checkpoint.restore_phase1_optimizer(engine, init_ckpt_dir, init_tag, cfg.init_optimizer_state)
 
-    # -- engine: DeepSpeed + our optimizer and schedule (optim.initialize) --------------------
-    engine, _, _, _ = optim.initialize(model=model, config=ds_cfg)
-    if init_kind == "deepspeed" and cfg.init_optimizer_state == "keep":
-        # Loading the optimizer also restores phase 1's param-group settings, among them its last
-        # learning rate (0 at the end of a decay to zero). Phase 2 keeps the moments and step
-        # counts only; its learning rate, schedule start and hyperparameters are its own config's
-        # (as NVIDIA's phase 2 overrides them after loading).
-        own_settings = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
-        try:
-            engine.load_checkpoint(str(init_ckpt_dir), tag=init_tag, load_optimizer_states=True,
-                                   load_lr_scheduler_states=False)
-        except (RuntimeError, ValueError, KeyError, AssertionError) as exc:
-            raise config_mod.ConfigError(
-                f"cannot restore the optimizer state of {init_ckpt_dir / init_tag} ({type(exc).__name__}: "
-                f"{str(exc)[:200]}); ZeRO partitions the state by rank, so phase 2 must keep phase 1's "
-                "world size and ZeRO stage, or set pretrain.init_optimizer_state to \"reset\"") from None
-        for group, settings in zip(engine.optimizer.param_groups, own_settings):
-            group.update(settings)
-        engine.global_steps = engine.global_samples = engine.skipped_steps = 0  # new phase, new count
-
+    device = engine.device
     train_ds, val_ds = data_mod.datasets(info, cfg)
-    stream = data_mod.TrainStream(train_ds, micro, world, rank, cfg.seed, cfg.num_workers)
+    stream = data_mod.TrainStream(train_ds, micro, world, rank, cfg.seed, cfg.num_workers,
+                                  pin_memory=device.type != "cpu")
     fp = fingerprint(ds_cfg, cfg, info.manifest)
-    start_step, samples_seen = 0, 0
+    progress = {"step": 0, "samples": 0, "skipped": 0}
     if resuming:
-        client = checkpoint.load_resume(engine, output)
+        client = checkpoint.load_resume(engine, output, announce=is_main)
+        if client is None:
+            raise config_mod.ConfigError(f"--resume: no checkpoint in {output / 'checkpoints'} loads (see the "
+                                         "messages above); move them away to start over")
         old = client.get("fingerprint", {})
         if old.get("hash") != fp["hash"]:
             diff = [k for k in RESUME_KEYS if old.get(k) != fp.get(k)]
             raise config_mod.ConfigError(f"--resume: {output} was trained with different settings {diff}; "
                                          "use another --output or the original config")
-        start_step, samples_seen = client["step"], client["samples"]
+        progress.update(step=client["step"], samples=client["samples"], skipped=client.get("skipped", 0))
         stream.load_state_dict(client["sampler"])
-    if is_main:
-        print(f"pretrain: {cfg.model} ({count_parameters(model) / 1e6:.1f}M params), seq {cfg.seq_len}, "
+    if is_main:  # written once the run is accepted, with every edit made to the config
+        output.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_text(output / "config.effective.json",
+                                     json.dumps(config_mod.effective(effective, cfg), indent=1))
+        print(f"pretrain: {cfg.model} ({n_params / 1e6:.1f}M params), seq {cfg.seq_len}, {precision}, "
               f"{len(train_ds):,} train / {len(val_ds) if val_ds else 0:,} held-out samples, world {world}, "
               f"global batch {glob} = {micro} x {accum} accumulation x {world} ranks, "
-              f"steps {start_step}->{cfg.max_steps}"
+              f"steps {progress['step']}->{cfg.max_steps}"
               + (f", resumed from {client['_tag']}" if resuming else "")
               + (f", initialised from {cfg.init_checkpoint} ({init_kind})" if init_kind else ""), flush=True)
 
-    metrics = MetricsLogger(output, is_main, cfg.tensorboard, start_step)
-    stop = StopRequest()
-    device = engine.device
+    peak = cfg.peak_tflops or peak_tflops(device_name(), precision)
+    run = TrainingRun(args, cfg, engine, stream, val_ds, output, progress, fp, model_meta,
+                      glob=glob, micro=micro, accum=accum, world=world, rank=rank,
+                      flops_per_sample=6 * n_params * cfg.seq_len, peak_flops=peak * 1e12 if peak else None,
+                      min_loss_scale=(ds_cfg.get("fp16") or {}).get("min_loss_scale", 1))
+    return run.train(resuming)
 
-    def save(step: int) -> None:
-        client_state = {"step": step, "samples": samples_seen, "sampler": stream.state_dict(), "fingerprint": fp}
-        tag_dir = checkpoint.save(engine, output, step, client_state, model_meta, cfg.keep_checkpoints)
-        if cfg.export_on_save and is_main:
+
+class TrainingRun:
+    """The loop: micro-batches, steps (applied or skipped), logs, evaluations, checkpoints, stops."""
+
+    def __init__(self, args, cfg, engine, stream, val_ds, output: Path, progress: dict, fp: dict, model_meta: str,
+                 *, glob: int, micro: int, accum: int, world: int, rank: int, flops_per_sample: float,
+                 peak_flops: float | None, min_loss_scale: float) -> None:
+        import deepspeed.comm as dist
+
+        self.args, self.cfg, self.engine, self.stream, self.val_ds = args, cfg, engine, stream, val_ds
+        self.output, self.progress, self.fp, self.model_meta = output, progress, fp, model_meta
+        self.glob, self.micro, self.accum, self.world, self.rank = glob, micro, accum, world, rank
+        self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
+        self.is_main = rank == 0
+        self.dist = dist
+        self.metrics = MetricsLogger(output, self.is_main, cfg.tensorboard, progress["step"])
+        self.stop = StopRequest(announce=self.is_main)
+        lag = 0 if engine.device.type == "cpu" else 1
+        self.acct = StepAccountant(engine, engine.device, lag=lag, max_consecutive_skips=cfg.max_consecutive_skips,
+                                   min_loss_scale=min_loss_scale,
+                                   all_reduce=lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX))
+
+    def save(self) -> None:
+        p = self.progress
+        client_state = {"step": p["step"], "samples": p["samples"], "skipped": p["skipped"],
+                        "sampler": self.stream.state_dict(), "fingerprint": self.fp}
+        tag_dir = checkpoint.save(self.engine, self.output, p["step"], client_state, self.model_meta,
+                                  self.cfg.keep_checkpoints)
+        if self.cfg.export_on_save and self.is_main:
             from pretrain.export import export
 
-            export(tag_dir, output / "hf")
-        if is_main:
+            export(tag_dir, self.output / "hf")
+        if self.is_main:
             print(f"checkpoint: {tag_dir}", flush=True)
+        self.metrics.restart_clock()
 
-    # -- the loop ---------------------------------------------------------------------------
-    stats = torch.zeros(6, dtype=torch.float64, device=device)  # loss, micro, mlm ok/n, nsp ok/n
-    interval_steps, last_saved = 0, start_step if resuming else -1
-    step = start_step
-    while step < cfg.max_steps:
-        for _ in range(accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in stream.next().items()}
-            out = engine(**batch)
-            engine.backward(out.loss)
-            engine.step()
-            stats += torch.stack([out.loss.detach().double(), torch.ones((), dtype=torch.float64, device=device),
-                                  out.mlm_correct.double(), out.mlm_count.double(),
-                                  out.nsp_correct.double(), out.nsp_count.double()])
-        step += 1
-        interval_steps += 1
-        samples_seen += glob
-        # One small collective per step: any rank signalled, or saw a non-finite loss?
-        stop_now = stop.signal != 0 or (args.stop_after is not None and step >= args.stop_after)
-        flags = torch.tensor([float(stop_now), float(not torch.isfinite(out.loss).item())], device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[1] > 0:
-            if is_main:
-                print(f"pretrain: non-finite loss at step {step}. Lower the learning rate or lengthen warmup; "
-                      "with fp16, check the loss scale. Last checkpoint: "
-                      f"{checkpoint.latest_tag(output / 'checkpoints') or 'none'}", file=sys.stderr, flush=True)
-            metrics.close()
+    def log(self) -> None:
+        iv = self.acct.take_interval(self.dist.all_reduce)
+        elapsed = max(self.metrics.elapsed(), 1e-9)
+        p = self.progress
+        record = {"step": p["step"], "loss": iv["loss_sum"] / max(iv["micro_batches"], 1),
+                  "mlm_acc": iv["mlm_correct"] / max(iv["mlm_count"], 1),
+                  "nsp_acc": iv["nsp_correct"] / max(iv["nsp_count"], 1), "lr": self.engine.get_lr()[0],
+                  "samples_per_s": iv["samples"] / elapsed, "tokens_per_s": iv["tokens"] / elapsed,
+                  "mfu": iv["samples"] * self.flops_per_sample / elapsed / self.peak_flops if self.peak_flops else None,
+                  "peak_mem_gib": peak_memory_gib(), "loss_scale": self.acct.loss_scale(),
+                  "skipped_steps": p["skipped"], "epoch": self.stream.epoch, "samples": p["samples"]}
+        trust = getattr(self.engine.basic_optimizer, "trust_ratios", lambda: {})()
+        every = self.cfg.trust_ratio_histogram_every
+        self.metrics.log(record, trust=trust, histogram=bool(every) and p["step"] % every == 0)
+        self.metrics.restart_clock()
+
+    def evaluate(self) -> None:
+        self.metrics.log({"step": self.progress["step"],
+                          **evaluate(self.engine, self.val_ds, self.micro, self.cfg.eval_samples, self.world, self.rank)})
+        self.metrics.restart_clock()
+
+    def train(self, resuming: bool) -> int:
+        cfg, engine, p = self.cfg, self.engine, self.progress
+        device = engine.device
+        last_saved = p["step"] if resuming else -1
+        try:
+            while p["step"] < cfg.max_steps:
+                for _ in range(self.accum):
+                    batch = {k: v.to(device, non_blocking=True) for k, v in self.stream.next().items()}
+                    out = engine(**batch)
+                    engine.backward(out.loss)
+                    engine.step()
+                    self.acct.micro_batch(out, batch)
+                p["samples"] += self.glob
+                requested = self.stop.poll() or (self.args.stop_after is not None
+                                                 and p["step"] + 1 >= self.args.stop_after)
+                outcome = self.acct.end_step(requested)
+                if outcome.applied:
+                    p["step"] += 1
+                else:
+                    p["skipped"] += 1
+                    if self.is_main:
+                        print(f"step {p['step'] + 1}: skipped by the fp16 loss scaler (scale now "
+                              f"{self.acct.loss_scale():g}, {p['skipped']} skipped so far)", flush=True)
+                step, stopping = p["step"], outcome.stop
+                if outcome.applied and step == cfg.max_steps:
+                    stopping |= self.acct.flush()  # the run's last flags: non-finite losses stop it here
+                if outcome.applied and (step % cfg.log_every == 0 or step == cfg.max_steps) or stopping:
+                    self.log()
+                if outcome.applied and self.val_ds is not None and cfg.eval_every and step % cfg.eval_every == 0 \
+                        and step < cfg.max_steps:
+                    self.evaluate()
+                if stopping or outcome.applied and (cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                                                    or step == cfg.max_steps):
+                    self.save()
+                    last_saved = step
+                if stopping:
+                    if self.is_main:
+                        print(f"pretrain: stopped at step {step} on request ({self.stop.reason or '--stop-after'}); "
+                              "rerun with --resume to continue", flush=True)
+                    return 0
+            if self.val_ds is not None:
+                self.evaluate()
+            if last_saved != p["step"]:
+                self.save()
+        except TrainingDiverged as exc:
+            if self.is_main:
+                print(f"pretrain: {exc} (at step {p['step']}). Last checkpoint: "
+                      f"{checkpoint.latest_tag(self.output / 'checkpoints') or 'none'}", file=sys.stderr, flush=True)
             return 3
-        if step % cfg.log_every == 0 or step == cfg.max_steps or flags[0] > 0:
-            dist.all_reduce(stats)
-            loss_sum, n_micro, mlm_ok, mlm_n, nsp_ok, nsp_n = stats.tolist()
-            elapsed = max(metrics.elapsed(), 1e-9)
-            trust = getattr(engine.basic_optimizer, "trust_ratios", lambda: {})()
-            scale = getattr(engine.optimizer, "cur_scale", None) if engine.fp16_enabled() else None
-            metrics.log({"step": step, "loss": loss_sum / n_micro, "mlm_acc": mlm_ok / max(mlm_n, 1),
-                         "nsp_acc": nsp_ok / max(nsp_n, 1), "lr": engine.get_lr()[0],
-                         "samples_per_s": interval_steps * glob / elapsed,
-                         "tokens_per_s": interval_steps * glob * cfg.seq_len / elapsed,
-                         "loss_scale": scale, "epoch": stream.epoch, "samples": samples_seen},
-                        trust=trust, histogram=bool(cfg.trust_ratio_histogram_every)
-                        and step % cfg.trust_ratio_histogram_every == 0)
-            stats.zero_()
-            interval_steps = 0
-            metrics.restart_clock()
-        if val_ds is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            metrics.log({"step": step, **evaluate(engine, val_ds, micro, cfg.eval_samples, world, rank)})
-            metrics.restart_clock()
-        if flags[0] > 0 or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
-            save(step)
-            last_saved = step
-            metrics.restart_clock()
-        if flags[0] > 0:
-            if is_main:
-                print(f"pretrain: stopped at step {step} on request; rerun with --resume to continue", flush=True)
-            metrics.close()
-            return 0
-    if val_ds is not None:
-        metrics.log({"step": step, **evaluate(engine, val_ds, micro, cfg.eval_samples, world, rank)})
-    if last_saved != step:
-        save(step)
-    if is_main:
-        print(f"pretrain: done, {step} steps; checkpoints in {output / 'checkpoints'}", flush=True)
-    metrics.close()
-    return 0
+        finally:
+            self.metrics.close()
+        if self.is_main:
+            print(f"pretrain: done, {p['step']} steps; checkpoints in {self.output / 'checkpoints'}", flush=True)
+        return 0
 
 
 def cli() -> int:

@@ -55,6 +55,17 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
+def optimizer_step(run_dir: Path, step: int) -> int:
+    """LAMB's step count (what its bias correction uses) in rank 0's ZeRO partition of a checkpoint."""
+    from pretrain.checkpoint import tag_for
+
+    f = next((run_dir / "checkpoints" / tag_for(step)).glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    state = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
+    steps = {int(s["step"]) for s in state["state"].values()}
+    assert len(steps) == 1, steps
+    return steps.pop()
+
+
 def weights(run_dir: Path, step: int) -> dict:
     from pretrain.checkpoint import fp32_state_dict, tag_for
 
@@ -135,6 +146,14 @@ def test_phase2_then_export_reproduces_mlm_loss(phase1):
     assert len(adapted) >= 12
     for k in adapted:
         assert ((p2[k] - p1[k]).norm() / p1[k].norm()).item() == pytest.approx(expected, rel=1e-3), k
+    # NVIDIA's phase 2 keeps the moments and restarts the step count (bias correction from t = 1);
+    # "keep_step" carries phase 1's count on.
+    assert optimizer_step(phase1 / "straight", 6) == 6
+    assert optimizer_step(phase1 / "phase2", 2) == 2
+    deepspeed(phase1, "--config", str(ROOT / "ds_configs/cpu_seq512.json"), "--data", "data/seq512",
+              "--init-checkpoint", "straight", "--output", "phase2_keep_step", "--max-steps", "2",
+              "--train-batch-size", "8", "--micro-batch-size", "2", "--set", "pretrain.init_optimizer_state=keep_step")
+    assert optimizer_step(phase1 / "phase2_keep_step", 2) == 8
     run([sys.executable, "-m", "pretrain.export", "phase2", "hf"], phase1)
     hf_dir = phase1 / "hf"
     assert (hf_dir / "model.safetensors").is_file() and (hf_dir / "vocab.txt").is_file()
@@ -176,7 +195,7 @@ def test_finetune_loads_the_deepspeed_checkpoint_directly(phase1):
 
 def test_existing_run_is_not_overwritten_without_resume(phase1):
     out = run([sys.executable, str(RUN), *PHASE1, "--output", "straight"], phase1, expect=2)
-    assert "straight already holds checkpoints (latest step0000006); pass --resume" in out
+    assert "straight already holds checkpoints (latest step0000006" in out and "pass --resume" in out
 
 
 def test_bad_data_dir_fails_before_launching_ranks(work):
@@ -184,3 +203,37 @@ def test_bad_data_dir_fails_before_launching_ranks(work):
     assert "not a data_prep seq-len directory" in out and "seq128" in out
     out = run([sys.executable, str(RUN), *PHASE1[:2], "--data", "data/seq512", "--output", "x"], work, expect=2)
     assert "pretrain.seq_len is 128 but data/seq512 holds seq_len 512" in out
+
+
+def test_phase2_refuses_a_checkpoint_of_another_vocabulary(phase1):
+    """Same vocab size, other words: without the check phase 2 would train on garbled ids."""
+    shutil.copytree(phase1 / "data", phase1 / "data_other_vocab", dirs_exist_ok=True)
+    manifest = phase1 / "data_other_vocab" / "seq512" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["vocab"]["sha256"] = "0" * 64  # another vocabulary of the same size
+    manifest.write_text(json.dumps(m))
+    out = run([sys.executable, str(RUN), "--config", str(ROOT / "ds_configs/cpu_seq512.json"), "--data",
+               "data_other_vocab/seq512", "--init-checkpoint", "straight", "--output", "phase2_other_vocab"],
+              phase1, expect=2)
+    assert "trained with another vocabulary (2000 tokens" in out and "data_prep build --vocab" in out
+    assert "Traceback" not in out
+    assert not (phase1 / "phase2_other_vocab").exists()
+
+
+def test_export_names_a_missing_or_truncated_zero_partition(phase1):
+    src = phase1 / "straight" / "checkpoints" / "step0000006"
+    for case in ("missing", "truncated"):
+        dst = phase1 / f"broken_{case}" / "step0000006"
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        part = next(dst.glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+        if case == "missing":
+            part.unlink()
+        else:
+            (dst / "complete.json").unlink()  # as a checkpoint written before the marker existed
+            with open(part, "r+b") as f:
+                f.truncate(part.stat().st_size // 3)
+        out = run([sys.executable, "-m", "pretrain.export", str(dst), str(phase1 / f"hf_{case}")], phase1, expect=2)
+        assert "Traceback" not in out, out
+        assert ("zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in out if case == "missing"
+                else "cannot merge the ZeRO partitions" in out), out
+        assert not (phase1 / f"hf_{case}" / "model.safetensors").exists()

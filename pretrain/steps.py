@@ -1,0 +1,160 @@
+"""Step accounting: what each optimizer step did, whether the run must stop, and the interval
+statistics, without the host waiting for the GPU between logging steps.
+
+* Per micro-batch the loss, accuracy counts and real (non-padding) tokens are added on the device.
+* Per step one small collective goes out: the MAX over ranks of [stop requested, non-finite loss
+  seen]. Its result is copied to host memory behind an event and read ``lag`` steps later (1 on
+  accelerators: by then the GPU has finished it and the host never waits for the step it has just
+  queued; 0 on the CPU, where everything is synchronous anyway). A stop therefore lands ``lag``
+  steps after the request, on every rank at the same step.
+* fp16: DeepSpeed's dynamic loss scaler skips a step whose gradients overflowed (it has already
+  synchronised to decide). A skipped step is no step: the step counter, the schedule and the
+  statistics only count applied ones; skipped steps are counted and logged with the loss scale;
+  ``max_consecutive_skips`` in a row, or a skip at the minimum scale, stops the run
+  (:class:`TrainingDiverged`). Non-finite losses are the scaler's business under fp16.
+* fp32/bf16: a non-finite loss in any micro-batch stops the run.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+STATS = ("loss_sum", "micro_batches", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count")
+
+
+class TrainingDiverged(RuntimeError):
+    """The run cannot go on: non-finite losses, or an fp16 loss scale that keeps overflowing."""
+
+
+@dataclass
+class StepOutcome:
+    applied: bool   # this step changed the weights (False: skipped by the fp16 loss scaler)
+    stop: bool      # a stop was requested (agreed by all ranks): save and exit after this step
+
+
+class StepAccountant:
+    def __init__(self, engine, device: torch.device, *, lag: int, max_consecutive_skips: int = 50,
+                 min_loss_scale: Optional[float] = None, all_reduce=None) -> None:
+        self.engine = engine
+        self.device = device
+        self.fp16 = bool(engine.fp16_enabled())
+        self.lag = lag
+        self.max_consecutive_skips = max_consecutive_skips
+        self.min_loss_scale = min_loss_scale
+        self._all_reduce = all_reduce
+        self.step_stats = torch.zeros(len(STATS), dtype=torch.float64, device=device)
+        self.interval = torch.zeros_like(self.step_stats)
+        # Work done, skipped steps included (throughput): real tokens on the device, samples here.
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
+        self.samples = 0
+        self.nonfinite = torch.zeros((), dtype=torch.float64, device=device)
+        self.skipped_total = 0
+        self.consecutive_skips = 0
+        self.interval_steps = 0
+        self._pending: deque = deque()
+        # Constants made once: a tensor built from a Python number on a GPU is a blocking copy.
+        self._one = torch.ones((), dtype=torch.float64, device=device)
+        self._zero = torch.zeros((), dtype=torch.float64, device=device)
+
+    # -- per micro-batch ------------------------------------------------------------------------
+    def micro_batch(self, out, batch: dict) -> None:
+        loss = out.loss.detach().double()
+        self.step_stats += torch.stack([
+            loss, self._one, out.mlm_correct.double(), out.mlm_count.double(), out.nsp_correct.double(),
+            out.nsp_count.double()])
+        self.tokens += batch["attention_mask"].sum()
+        self.samples += int(batch["attention_mask"].shape[0])
+        if not self.fp16:
+            self.nonfinite = torch.maximum(self.nonfinite, (~torch.isfinite(loss)).double())  # a new tensor
+
+    # -- per optimizer step -----------------------------------------------------------------------
+    def end_step(self, stop_requested: bool) -> StepOutcome:
+        applied = True
+        if self.fp16:
+            applied = bool(self.engine.was_step_applied())
+        if applied:
+            self.interval += self.step_stats
+            self.interval_steps += 1
+            self.consecutive_skips = 0
+        else:
+            self.skipped_total += 1
+            self.consecutive_skips += 1
+            self._check_loss_scale()
+        self.step_stats.zero_()
+        flags = torch.stack([self._one if stop_requested else self._zero, self.nonfinite])
+        self.nonfinite = self._zero
+        if self._all_reduce is not None:
+            self._all_reduce(flags)
+        self._pending.append(_to_host(flags))
+        stop = False
+        while len(self._pending) > self.lag:
+            stop |= self._read(self._pending.popleft())
+        return StepOutcome(applied=applied, stop=stop)
+
+    def flush(self) -> bool:
+        """Read every flag still in flight (end of the run); True if a stop was requested."""
+        stop = False
+        while self._pending:
+            stop |= self._read(self._pending.popleft())
+        return stop
+
+    def _read(self, pending) -> bool:
+        host, event = pending
+        if event is not None:
+            event.synchronize()
+        stop, nonfinite = host.tolist()
+        if nonfinite > 0:
+            raise TrainingDiverged("non-finite loss. Lower the learning rate or lengthen warmup")
+        return stop > 0
+
+    def _check_loss_scale(self) -> None:
+        scale = self.loss_scale()
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            raise TrainingDiverged(f"{self.consecutive_skips} consecutive steps skipped by the fp16 loss scaler "
+                                   f"(loss scale now {scale:g}): the gradients overflow at every scale. Lower the "
+                                   "learning rate, or train in bf16")
+        if scale is not None and self.min_loss_scale is not None and scale <= self.min_loss_scale \
+                and self.consecutive_skips > 1:
+            raise TrainingDiverged(f"fp16 gradients overflow at the minimum loss scale {self.min_loss_scale:g}: "
+                                   "the loss scale cannot fall further. Lower the learning rate, or train in bf16")
+
+    # -- what the log reads (a log step synchronises anyway) ----------------------------------------
+    def loss_scale(self) -> Optional[float]:
+        if not self.fp16:
+            return None
+        opt = self.engine.optimizer
+        scale = getattr(opt, "cur_scale", None)
+        if scale is None:
+            scale = getattr(getattr(opt, "loss_scaler", None), "cur_scale", None)
+        return None if scale is None else float(scale)
+
+    def take_interval(self, all_reduce=None) -> dict:
+        """The interval's sums (over ranks with ``all_reduce``), then a fresh interval."""
+        stats = torch.cat([self.interval, self.tokens.reshape(1),
+                           self.tokens.new_full((1,), float(self.samples))])  # a fill, not a copy
+        if all_reduce is not None:
+            all_reduce(stats)
+        values = dict(zip(STATS + ("tokens", "samples"), stats.tolist()))
+        values["steps"] = self.interval_steps
+        self.interval.zero_()
+        self.tokens.zero_()
+        self.samples = 0
+        self.interval_steps = 0
+        return values
+
+
+def _to_host(flags: torch.Tensor):
+    """(host copy, event to wait on) without waiting now."""
+    if flags.device.type == "cpu":
+        return flags.clone(), None
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+    host.copy_(flags, non_blocking=True)
+    event = acc.Event()
+    event.record()
+    return host, event
