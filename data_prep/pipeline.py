@@ -115,6 +115,23 @@ def _init_worker(state: dict) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the CLI's handler (inherited by fork): terminate() must kill
     _W.clear()
     _W.update(state)
+    _exit_with_parent()
+
+
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """A worker leaves within ``poll_s`` once its parent is gone (``kill -9``, the OOM killer):
+    nobody would read its results, and it would hold a core and memory for nothing."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _tokenize_unit(job: _TokJob) -> dict:

@@ -68,6 +68,16 @@ class RunSpec:
         return f"{self.optimizer}_b{self.batch}_lrx{self.lr_multiplier:g}"
 
 
+
+def run_process(cmd, **kwargs):
+    """One training run as a child process (a seam for the tests, which replace this function,
+    never subprocess.run itself: other libraries call that, matplotlib's font cache among them)."""
+    return subprocess.run(cmd, **kwargs)
+
+
+def cpu_count():
+    return os.cpu_count()
+
 def plan(args) -> list[RunSpec]:
     batches = sorted(args.batch_sizes)
     specs = []
@@ -139,10 +149,10 @@ def run_one(spec: RunSpec, args, out: Path, slot: int = 0) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(REPO), MASTER_PORT=str(port))
     if getattr(args, "parallel", 1) > 1:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (args.parallel * args.np)))
+        env["OMP_NUM_THREADS"] = str(max(1, (cpu_count() or 1) // (args.parallel * args.np)))
     t0 = time.time()
     with open(run_dir / "log.txt", "a") as logf:
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        proc = run_process(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
     wall = time.time() - t0
     evals = read_evals(run_dir, spec)
     result = {**asdict(spec), "name": spec.name, "exit_code": proc.returncode, "wall_s": wall, "evals": evals,

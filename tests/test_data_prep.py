@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -539,3 +540,57 @@ def test_sampler_disjoint_equal_seeded_resumable():
     assert DistributedPretrainingSampler(n, R, 2, seed=5, epoch=3, start_index=37).indices().tolist() == whole
     with pytest.raises(ValueError, match="ranks"):
         DistributedPretrainingSampler(n, 8, 0).load_state_dict(state)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_workers_exit_when_the_parent_is_killed(tmp_path, vocab):
+    """kill -9 of data_prep (what the OOM killer does) must not leave its workers tokenizing."""
+    src = tmp_path / "big"
+    src.mkdir()
+    for k in range(6):
+        write_text(src / f"part{k}.txt", make_docs(3000, seed=100 + k))  # a few seconds of work each
+    e = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "build", "--input", str(src), "--vocab", str(vocab),
+                             "--output", str(tmp_path / "o"), "--seq-lens", "64", "--shards", "2", "--workers", "2",
+                             "--no-progress"], cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 60
+        while len(workers) < 2:
+            assert proc.poll() is None and time.time() < deadline, "the build ended before its workers started"
+            workers = _children(proc.pid)
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 10
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        left = [w for w in workers if _alive(w)]
+        assert not left, f"workers {left} still running 10 s after their parent was killed"
+    finally:
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()

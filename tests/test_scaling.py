@@ -39,7 +39,7 @@ def test_finished_run_is_not_run_again_and_a_new_target_is_recomputed(tmp_path, 
     evals = [{"step": s, "samples": s * 128, "eval_mlm_loss": loss} for s, loss in ((32, 6.0), (64, 5.0))]
     stored = {"name": spec.name, "batch": 128, "final_loss": 5.0, "evals": evals, "steps_to_target": None}
     (tmp_path / spec.name / "result.json").write_text(json.dumps(stored))
-    monkeypatch.setattr(scaling.subprocess, "run", lambda *a, **k: pytest.fail("re-ran a finished run"))
+    monkeypatch.setattr(scaling, "run_process", lambda *a, **k: pytest.fail("re-ran a finished run"))
     args = make_args(tmp_path)
     r = scaling.run_one(spec, args, tmp_path)
     assert r["final_loss"] == 5.0 and r["evals"] == evals and r["steps_to_target"] is None
@@ -62,8 +62,8 @@ def test_parallel_runs_get_their_own_ports_and_a_share_of_the_threads(tmp_path, 
             returncode = 1  # not a result: nothing stored
         return P()
 
-    monkeypatch.setattr(scaling.subprocess, "run", fake_run)
-    monkeypatch.setattr(scaling.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(scaling, "run_process", fake_run)
+    monkeypatch.setattr(scaling, "cpu_count", lambda: 4)
     args = make_args(tmp_path)
     for k, v in dict(eval_points=4, eval_samples=64, warmup=0.1, power=0.5, seed=1, master_port=29700,
                      config="c.json", data="d", parallel=2, np=1).items():
@@ -89,7 +89,7 @@ def test_results_steps_to_target_and_plots(tmp_path, monkeypatch):
             returncode = 0
         return P()
 
-    monkeypatch.setattr(scaling.subprocess, "run", fake_run)
+    monkeypatch.setattr(scaling, "run_process", fake_run)
     args = make_args(tmp_path)
     for k, v in dict(eval_points=4, eval_samples=64, warmup=0.1, power=0.5, seed=1, master_port=1,
                      config="c.json", data="d", target_loss=4.5).items():
@@ -135,7 +135,7 @@ def test_summarize_trains_nothing_and_reports_the_finished_runs(tmp_path, monkey
     done = fake_result("lamb", 128, 4e-3, [(4096, 5.0), (8192, 4.0)])
     done.update(name=spec.name, steps=64, lr_multiplier=1.0, exit_code=0, wall_s=1.0)
     (tmp_path / spec.name / "result.json").write_text(json.dumps(done))
-    monkeypatch.setattr(scaling.subprocess, "run", lambda *a, **k: pytest.fail("--summarize trained"))
+    monkeypatch.setattr(scaling, "run_process", lambda *a, **k: pytest.fail("--summarize trained"))
     rc = scaling.main(["--config", "c.json", "--data", "d", "--output", str(tmp_path), "--batch-sizes", "128,2048",
                        "--optimizers", "lamb", "--samples", "8192", "--base-batch", "128", "--lr", "lamb=4e-3",
                        "--np", "1", "--summarize"])
