@@ -136,17 +136,32 @@ def _vocab(a) -> int:
                                 f"choose a new --output or pass --overwrite")
     budget = [a.max_chars if a.max_chars else float("inf")]
 
+    problems: dict[str, dict] = {}
+
     def texts():
         for u in units:
             stats = ReadStats()
-            for doc in iter_documents(u, stats, text_key=a.text_key):
-                for para in doc:
-                    if budget[0] <= 0:
-                        return
-                    budget[0] -= len(para)
-                    yield para
+            try:
+                for doc in iter_documents(u, stats, text_key=a.text_key):
+                    for para in doc:
+                        if budget[0] <= 0:
+                            return
+                        budget[0] -= len(para)
+                        yield para
+            finally:
+                found = {k: getattr(stats, k) for k in ("invalid_utf8", "long_lines", "bad_records")
+                         if getattr(stats, k)}
+                if found or stats.messages:
+                    problems[u.label()] = {**found, "messages": stats.messages[:3]}
 
     v = train_vocab(texts(), a.output, vocab_size=a.vocab_size, lowercase=not a.cased, min_frequency=a.min_frequency)
+    for label, found in problems.items():  # what build would report, per file
+        counts = ", ".join(f"{k}={n}" for k, n in found.items() if k != "messages")
+        print(f"data_prep: input problems in {label}: {counts or '; '.join(found['messages'])}", file=sys.stderr)
+    if v.size > a.vocab_size:
+        print(f"data_prep: vocab has {v.size:,} tokens, more than --vocab-size {a.vocab_size:,}: WordPiece keeps "
+              f"every character of the corpus's alphabet (up to 1,000) as a token besides the word pieces, "
+              "so a size below the alphabet's gives no whole-word tokens; raise --vocab-size", file=sys.stderr)
     stamp_file.write_text(json.dumps(stamp, indent=1) + "\n")
     print(describe(v))
     return 0
@@ -224,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         return {"vocab": _vocab, "build": _build, "inspect": _inspect, "embedded-corpus": _embedded}[a.cmd](a)
     except DataPrepError as e:
         print(f"data_prep: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full or read-only output disk, a path that is a file: name it
+        out = getattr(a, "output", None) or getattr(a, "out_dir", None)
+        where = e.filename or (f"output {out}" if out else "")
+        print(f"data_prep: error: {where}: {e.strerror or e}" if where else f"data_prep: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("data_prep: stopped (Ctrl-C or SIGTERM)", file=sys.stderr)

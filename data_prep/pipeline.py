@@ -18,6 +18,7 @@ huge file is tokenized by one worker (split big JSONL/text files to use all core
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import itertools
@@ -137,8 +138,10 @@ def _exit_with_parent(poll_s: float = 1.0) -> None:
 def _tokenize_unit(job: _TokJob) -> dict:
     try:
         return _tokenize_unit_inner(job)
-    except OSError as e:  # unreadable file, disk full: name the input rather than show a worker traceback
-        raise DataPrepError(f"{job.unit.label()}: {e.strerror or e}") from None
+    except OSError as e:  # unreadable input, or a full or read-only output disk: name the file at fault
+        writing = e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG)
+        where = e.filename or (f"output {job.out}" if writing else job.unit.label())
+        raise DataPrepError(f"{where}: {e.strerror or e}") from None
 
 
 def _tokenize_unit_inner(job: _TokJob) -> dict:
@@ -242,6 +245,9 @@ def _tokenize_unit_inner(job: _TokJob) -> dict:
         encode_pending()
     problems = {k: getattr(stats, k) for k in ("invalid_utf8", "long_lines", "short_documents", "split_documents",
                                                 "bad_records")}
+    if stats.invalid_utf8:  # counted while decoding: say where
+        stats.messages.insert(0, f"{job.unit.label()}: {stats.invalid_utf8} invalid UTF-8 byte sequence(s), "
+                                 "replaced by U+FFFD (is the file in another encoding?)")
     problems["empty_documents"] = counts.pop("empty_documents")  # text that tokenized to nothing
     problems["split_sentences"] = counts.pop("split_sentences")
     meta = {"unit": job.unit.label(), "format": job.unit.fmt, "documents": stats.documents - problems["empty_documents"],
@@ -704,7 +710,9 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
                       "special_ids": vocab.special_ids},
             "corpus": corpus,
             "inputs": [{"path": units[i].label(), "format": units[i].fmt, "documents": metas[i]["documents"],
-                        "tokens": metas[i]["tokens"]} for i in range(len(units))],
+                        "tokens": metas[i]["tokens"],
+                        **({"problems": {k: v for k, v in metas[i]["problems"].items() if v}}
+                           if any(metas[i]["problems"].values()) else {})} for i in range(len(units))],
             "skipped": skipped + [{"path": units[i].label(), "reason": "no usable text"}
                                   for i in range(len(units)) if metas[i]["documents"] == 0],
             "problems": problems,
@@ -728,7 +736,11 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
           file=sys.stderr)
     if problems and any(problems.values()):
         print("data_prep: input problems: " + ", ".join(f"{k}={v}" for k, v in problems.items() if v)
-              + " (details in manifest.json 'warnings')", file=sys.stderr)
+              + " (per file in manifest.json 'inputs', details in 'warnings')", file=sys.stderr)
+        for i in range(len(units)):
+            if metas[i]["problems"].get("invalid_utf8"):
+                print(f"data_prep:   {units[i].label()}: {metas[i]['problems']['invalid_utf8']} invalid UTF-8 "
+                      "sequence(s)", file=sys.stderr)
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return manifests

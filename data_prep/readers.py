@@ -74,6 +74,29 @@ def _head(path: str, n: int = 65536) -> bytes:
         return f.read(n)
 
 
+def _not_text(head: bytes) -> str | None:
+    """Why the first bytes of a file are not UTF-8 text, or None. UTF-16 is told apart from binary
+    data by its NUL bytes: in UTF-16 text of Latin-script languages they sit at every other byte."""
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "UTF-16 text (convert it to UTF-8, e.g. iconv -f UTF-16 -t UTF-8)"
+    sample = head[:8192]
+    if b"\x00" in sample:
+        even, odd = sample[0::2], sample[1::2]
+        for zeros, other, order in ((odd, even, "LE"), (even, odd, "BE")):
+            if zeros.count(0) > 0.4 * len(zeros) and other.count(0) < 0.05 * len(other):
+                return (f"UTF-16{order} text without a byte-order mark (convert it to UTF-8, e.g. "
+                        f"iconv -f UTF-16{order} -t UTF-8)")
+        return "binary file (NUL bytes in the first 8 KiB)"
+    # Binary data without NUL bytes: much of it is not UTF-8, or is control characters.
+    text = sample.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    control = sum(1 for c in text if ord(c) < 32 and c not in "\t\n\r\f\v")
+    if len(text) >= 64 and (bad + control) > 0.1 * len(text):
+        return (f"binary file ({100 * (bad + control) / len(text):.0f}% of the first {len(sample):,} bytes are "
+                "not UTF-8 text)")
+    return None
+
+
 def sniff(path: str, fmt: str) -> tuple[str | None, str | None]:
     """(format, None) for a usable file, or (None, reason) for one to skip."""
     try:
@@ -86,10 +109,9 @@ def sniff(path: str, fmt: str) -> tuple[str | None, str | None]:
         return None, f"unreadable ({e.strerror or e})"
     if not head.strip():
         return None, "empty file (only white space)"
-    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return None, "UTF-16 text (convert it to UTF-8, e.g. iconv -f UTF-16 -t UTF-8)"
-    if b"\x00" in head[:8192]:
-        return None, "binary file (NUL bytes in the first 8 KiB)"
+    not_text = _not_text(head)
+    if not_text:
+        return None, not_text
     if fmt != "auto":
         return fmt, None
     name = Path(path).name.lower()

@@ -84,7 +84,11 @@ def load_vocab(path: str | Path, lowercase: bool | None = None) -> Vocab:
         lowercase = not any(t.isalpha() and t != t.lower() for t in tokens if not t.startswith("["))
     tok_json = vocab_txt.parent / "tokenizer.json"
     if tok_json.is_file() and p.is_dir() and not explicit_case:  # an explicit --cased overrides the file
-        tok = Tokenizer.from_file(str(tok_json))
+        try:
+            tok = Tokenizer.from_file(str(tok_json))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own exception type
+            raise DataPrepError(f"{tok_json}: not a readable tokenizer ({str(e)[:160]}); fix or delete it to use "
+                                f"{vocab_txt.name} alone") from None
         if tok.get_vocab_size() != len(tokens):
             raise DataPrepError(f"{tok_json}: {tok.get_vocab_size()} tokens but vocab.txt has {len(tokens)}")
     else:

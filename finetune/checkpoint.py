@@ -23,8 +23,10 @@ class CheckpointError(ValueError):
 
 
 def _looks_like_deepspeed(path: Path) -> bool:
+    """A run dir, its checkpoints dir or one checkpoint (``latest`` may be missing: it is optional)."""
     return ((path / "latest").is_file() or (path / "checkpoints" / "latest").is_file()
-            or any(path.glob("global_step*")) or any(path.glob("mp_rank_*_model_states.pt")))
+            or any(path.glob("global_step*")) or any(path.glob("mp_rank_*_model_states.pt"))
+            or any(path.glob("*/mp_rank_*_model_states.pt")) or any(path.glob("checkpoints/*/mp_rank_*_model_states.pt")))
 
 
 def export_deepspeed(path: Path) -> Path:

@@ -81,6 +81,8 @@ def build_features(examples: list[Example], tokenizer, *, max_seq_length: int = 
         else:
             kept.append(ex)
 
+    if not kept:
+        raise ValueError(f"no usable question among {len(examples)} (skipped: {skips.describe()})")
     # Leading white space in some questions would only waste query tokens.
     questions = _truncate_questions(tokenizer, [ex.question.lstrip() for ex in kept], max_query_length)
     qlens = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]

@@ -240,7 +240,11 @@ def main(argv=None) -> int:
     if dev:
         dev_examples = dev.examples[:args.max_predict_examples or None]
         dev_skips = Skips()
-        dev_feats = build_features(dev_examples, tokenizer, training=False, skips=dev_skips, **feat_kw)
+        try:
+            dev_feats = build_features(dev_examples, tokenizer, training=False, skips=dev_skips, **feat_kw)
+        except ValueError as e:
+            print(f"error: {args.predict_file}: {e}", file=sys.stderr)
+            return 2
         has_answers = any(e.answers for e in dev_examples)
         log.info("predict: %d questions -> %d windows; skipped: %s", len(dev_feats.examples),
                  len(dev_feats), dev_skips.describe())
@@ -275,7 +279,11 @@ def main(argv=None) -> int:
     if train:
         train_skips = Skips()
         train_examples = train.examples[:args.max_train_examples or None]
-        train_feats = build_features(train_examples, tokenizer, training=True, skips=train_skips, **feat_kw)
+        try:
+            train_feats = build_features(train_examples, tokenizer, training=True, skips=train_skips, **feat_kw)
+        except ValueError as e:
+            print(f"error: {args.train_file}: {e}", file=sys.stderr)
+            return 2
         log.info("train: %d questions -> %d windows; counted: %s", len(train_feats.examples),
                  len(train_feats), train_skips.describe())
         metrics["train_skips"] = train_skips.report()

@@ -8,7 +8,7 @@ or, without DeepSpeed::
     opt = optim.Lamb(optim.param_groups(model, weight_decay=0.01), lr=6e-3, variant="nvidia")
 """
 from ._layerwise import IMPLS, LayerwiseOptimizer
-from .initialize import build_optimizer, initialize, load_config
+from .initialize import build_optimizer, check_config, initialize, load_config
 from .lamb import VARIANTS, Lamb
 from .lars import Lars
 from .param_groups import no_decay_names, param_groups
@@ -17,7 +17,7 @@ from .registry import create, known, register
 from .schedules import build_scheduler, scale_lr
 
 __all__ = [
-    "IMPLS", "Lamb", "Lars", "LayerwiseOptimizer", "VARIANTS", "build_optimizer", "build_scheduler",
+    "IMPLS", "Lamb", "Lars", "LayerwiseOptimizer", "VARIANTS", "build_optimizer", "build_scheduler", "check_config",
     "create", "initialize", "known", "load_config", "no_decay_names", "param_groups", "register",
     "resolve_precision", "scale_lr",
 ]

@@ -36,6 +36,39 @@ def load_config(config: Union[str, Path, dict]) -> dict:
         raise ValueError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
 
 
+def check_config(config: dict) -> None:
+    """Refuse a bad ``optimizer`` or ``scheduler`` block before any model or process group exists:
+    the optimizer and our schedules are built once on a dummy tensor, so an unknown type, keyword
+    or value fails here with a ValueError that names the block."""
+    import torch
+
+    opt_cfg = config.get("optimizer")
+    if opt_cfg is None:
+        return
+    if not isinstance(opt_cfg, dict) or "type" not in opt_cfg:
+        raise ValueError("config key 'optimizer' must be an object with a 'type'")
+    name, params = opt_cfg["type"], dict(opt_cfg.get("params", {}))
+    if not registry.is_registered(name):
+        from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+        if str(name).lower() not in DEEPSPEED_OPTIMIZERS:
+            raise ValueError(f"optimizer.type {name!r} is unknown: registered here: {', '.join(registry.known())}; "
+                             f"DeepSpeed's own: {', '.join(DEEPSPEED_OPTIMIZERS)}")
+        return
+    if "betas" in params:
+        params["betas"] = tuple(params["betas"])
+    try:
+        dummy = registry.create(name, [torch.zeros(1, requires_grad=True)], **params)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"optimizer.params: {exc}") from None
+    sched_cfg = config.get("scheduler")
+    if isinstance(sched_cfg, dict) and schedules.is_known(sched_cfg.get("type", "")):
+        try:
+            schedules.build_scheduler(dummy, sched_cfg["type"], dict(sched_cfg.get("params", {})))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"scheduler.params: {exc}") from None
+
+
 def build_optimizer(model, config: dict, model_parameters=None):
     """Optimizer (and LR scheduler, or None) for a config whose optimizer type is registered.
 

@@ -106,9 +106,11 @@ def resolve(path: str | Path) -> tuple[Path, str]:
         if why:
             raise FileNotFoundError(f"{path}: incomplete checkpoint: {why}")
         return path.parent, path.name
-    if checkpoint_dirs(path / "checkpoints") or checkpoint_dirs(path):
-        raise FileNotFoundError(f"{path}: no complete checkpoint (every checkpoint directory there is unfinished, "
-                                "truncated or missing files)")
+    for ckpt_dir in (path / "checkpoints", path):
+        dirs = checkpoint_dirs(ckpt_dir)
+        if dirs:
+            reasons = [check_complete(ckpt_dir / t) for t in dirs]
+            raise FileNotFoundError(f"{path}: no complete checkpoint: " + "; ".join(r for r in reasons[::-1][:3] if r))
     raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (expected OUTPUT/checkpoints/stepNNNNNNN, a "
                             "checkpoints dir, or a checkpoint directory)")
 

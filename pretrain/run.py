@@ -33,7 +33,7 @@ from pretrain import checkpoint  # noqa: E402
 from pretrain import config as config_mod  # noqa: E402
 from pretrain import data as data_mod  # noqa: E402
 from pretrain.metrics import MetricsLogger, device_name, peak_memory_gib, peak_tflops  # noqa: E402
-from pretrain.model import build_model, count_parameters, load_weights  # noqa: E402
+from pretrain.model import bert_config, build_model, count_parameters, load_weights  # noqa: E402
 from pretrain.steps import StepAccountant, TrainingDiverged  # noqa: E402
 from pretrain.stop import StopRequest  # noqa: E402
 
@@ -147,8 +147,10 @@ def main(argv=None) -> int:
 
     try:
         precision = optim.resolve_precision(ds_cfg, source=args.config)  # "auto" -> bf16/fp16/fp32
+        optim.check_config(ds_cfg)
+        bert_config(cfg.model, info.vocab_size)
     except ValueError as exc:
-        raise config_mod.ConfigError(str(exc)) from None
+        raise config_mod.ConfigError(f"{args.config}: {exc}") from None
     # A process started without a launcher binds DeepSpeed's default port unless told otherwise;
     # honouring MASTER_PORT lets several single-process runs share a machine.
     deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
@@ -336,11 +338,13 @@ class TrainingRun:
         return 0
 
 
-def cli() -> int:
+def cli(argv=None) -> int:
     try:
-        return main()
+        return main(argv)
     except (config_mod.ConfigError, FileNotFoundError) as exc:
-        print(f"pretrain: {exc}", file=sys.stderr, flush=True)
+        rank = os.environ.get("RANK") or os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"
+        if rank == "0":  # every rank finds the same error: one line, not N
+            print(f"pretrain: {exc}", file=sys.stderr, flush=True)
         return 2
 
 

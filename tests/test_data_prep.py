@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -594,3 +595,79 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path, vocab):
                 os.kill(w, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
+
+
+def _small_disk():
+    """The child sees a 'disk' that takes no file over 64 KiB (RLIMIT_FSIZE; writes past it fail
+    with EFBIG instead of killing the process): a full disk without mounting one."""
+    import resource
+
+    _default_sigint()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+
+def test_a_full_output_disk_is_a_named_error_and_leaves_no_output(tmp_path, corpus, vocab):
+    for workers in ("1", "2"):
+        out = tmp_path / f"full{workers}"
+        r = subprocess.run([sys.executable, "-m", "data_prep", "build", "--input", str(corpus[0]), "--vocab",
+                            str(vocab), "--output", str(out), "--seq-lens", "64", "--shards", "2", "--no-progress",
+                            "--workers", workers], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                           capture_output=True, text=True, timeout=300, preexec_fn=_small_disk)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and "File too large" in r.stderr, r.stderr[-2000:]
+        line = [x for x in r.stderr.splitlines() if "error" in x][-1]
+        assert str(out) in line and str(corpus[0]) not in line  # the output is named, not an input
+        assert not (out / "seq64" / "manifest.json").exists()
+
+
+def test_an_output_path_that_is_a_file_is_a_named_error(tmp_path, corpus, vocab):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    r = cli("build", "--input", corpus[0], "--vocab", vocab, "--output", blocker / "out", "--seq-lens", "64",
+            "--no-progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "afile" in r.stderr and "Not a directory" in r.stderr
+    r = cli("vocab", "--input", corpus[0], "--output", blocker / "vocab", "--vocab-size", "300")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "afile" in r.stderr and "Not a directory" in r.stderr
+
+
+def test_a_corrupt_tokenizer_json_beside_vocab_txt_is_named(tmp_path, corpus, vocab):
+    bad = tmp_path / "vocab_dir"
+    bad.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (vocab / name).is_file():
+            shutil.copy(vocab / name, bad / name)
+    (bad / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "WordPi')
+    r = cli("build", "--input", corpus[0], "--vocab", bad, "--output", tmp_path / "o", "--seq-lens", "64",
+            "--no-progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"{bad / 'tokenizer.json'}: not a readable tokenizer" in r.stderr
+
+
+def test_what_is_skipped_or_damaged_is_named_per_file(tmp_path, vocab):
+    src = tmp_path / "mixed"
+    src.mkdir()
+    good = make_docs(20, seed=5)
+    write_text(src / "good.txt", good)
+    text = (src / "good.txt").read_bytes()
+    (src / "latin1.txt").write_bytes(text.replace(b" has ", b" h\xe4s ", 7))  # 7 invalid UTF-8 bytes
+    rng = np.random.default_rng(0)
+    (src / "blob.dat").write_bytes(bytes(rng.integers(1, 256, 20000, dtype=np.uint8)))  # binary, no NUL
+    (src / "utf16.txt").write_bytes(text.decode().encode("utf-16-le"))  # no byte-order mark
+    r = cli("build", "--input", src, "--vocab", vocab, "--output", tmp_path / "o", "--seq-lens", "64", "--shards",
+            "2", "--no-progress", check=True)
+    m = json.loads((tmp_path / "o" / "seq64" / "manifest.json").read_text())
+    skipped = {Path(s["path"]).name: s["reason"] for s in m["skipped"]}
+    assert skipped["blob.dat"].startswith("binary file (")
+    assert skipped["utf16.txt"].startswith("UTF-16LE text without a byte-order mark")
+    inputs = {Path(i["path"]).name: i for i in m["inputs"]}
+    assert inputs["latin1.txt"]["problems"] == {"invalid_utf8": 7} and "problems" not in inputs["good.txt"]
+    assert any("latin1.txt: 7 invalid UTF-8" in w for w in m["warnings"])
+    assert "latin1.txt: 7 invalid UTF-8" in r.stderr
+
+    r = cli("vocab", "--input", src, "--output", tmp_path / "v", "--vocab-size", "20", check=True)
+    assert "skipped" in r.stderr and "blob.dat: binary file" in r.stderr
+    assert "input problems in" in r.stderr and "latin1.txt: invalid_utf8=7" in r.stderr
+    assert "more than --vocab-size 20:" in r.stderr

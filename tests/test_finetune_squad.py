@@ -188,3 +188,19 @@ def test_predict_only_counts_empty_context(tiny_checkpoint, tmp_path):
     assert metrics["predict_skips"]["empty context"] == {"count": 1, "examples": ["blank"]}
     assert metrics["total"] == 2 and metrics["missing"] == 0
     assert "train_steps" not in metrics
+
+
+def test_a_file_without_one_usable_question_is_a_named_error(tiny_checkpoint, tmp_path):
+    data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [
+        {"context": "", "qas": [{"id": "a", "question": "Who?", "answers": [{"text": "x", "answer_start": 0}]}]},
+        {"context": "Denver won.", "qas": [{"id": "b", "question": "Who?",
+                                             "answers": [{"text": "Carolina", "answer_start": 0}]}]},
+    ]}]}
+    path = tmp_path / "unusable.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    proc = _run(["--checkpoint", tiny_checkpoint, "--train-file", path, "--output", out, *SMALL], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert f"{path}: no usable question among 2 (skipped: " in proc.stderr
+    assert not (out / "metrics.json").exists()

@@ -237,3 +237,44 @@ def test_export_names_a_missing_or_truncated_zero_partition(phase1):
         assert ("zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in out if case == "missing"
                 else "cannot merge the ZeRO partitions" in out), out
         assert not (phase1 / f"hf_{case}" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--set", "optimizer.type=Lamd"], "optimizer.type 'Lamd' is unknown: registered here: "),
+    (["--set", "optimizer.params.betaz=[0.9,0.99]"], "optimizer.params: optimizer Lamb: bad params"),
+    (["--set", "optimizer.params.variant=nvdia"], "optimizer.params: unknown LAMB variant 'nvdia'"),
+    (["--set", "scheduler.params.warmup_steps=5"], "scheduler.params: scheduler WarmupPolyDecay: unknown params ['warmup_steps']"),
+    (["--model", "CONFIG"], "vocab_size 30522 but the data's vocab has 2000 tokens"),
+])
+def test_bad_optimizer_or_model_settings_are_named_before_launching(work, override, message, capsys):
+    """In this process (the checks run before any process group exists): exit 2, one line."""
+    import pretrain.run as run_mod
+
+    if override[-1] == "CONFIG":
+        from transformers import BertConfig
+
+        (work / "model_30k").mkdir(exist_ok=True)
+        (work / "model_30k" / "config.json").write_text(BertConfig(vocab_size=30522).to_json_string())
+        override = ["--model", str(work / "model_30k" / "config.json")]
+    args = [str(work / a) if a.startswith("data/") else a for a in PHASE1]
+    assert run_mod.cli([*args, "--output", str(work / "bad_settings"), *override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (work / "bad_settings").exists()
+
+
+def test_finetune_names_a_truncated_checkpoint(phase1):
+    dst = phase1 / "broken_for_squad" / "checkpoints" / "step0000006"
+    shutil.copytree(phase1 / "straight" / "checkpoints" / "step0000006", dst, dirs_exist_ok=True)
+    part = next(dst.glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    with open(part, "r+b") as f:
+        f.truncate(part.stat().st_size // 2)
+    squad = phase1 / "tiny_squad.json"
+    squad.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": [{
+        "context": "Denver won.", "qas": [{"id": "a", "question": "Who won?",
+                                           "answers": [{"text": "Denver", "answer_start": 0}]}]}]}]}))
+    out = run([sys.executable, str(ROOT / "finetune" / "squad.py"), "--checkpoint", str(phase1 / "broken_for_squad"),
+               "--predict-file", str(squad), "--output", str(phase1 / "squad_broken")], phase1, expect=2)
+    assert "Traceback" not in out
+    assert "truncated" in out and "zero_pp_rank_0_mp_rank_00_optim_states.pt" in out, out[-2000:]
+    assert not (phase1 / "squad_broken" / "predictions.json").exists()
