@@ -50,6 +50,8 @@ class PretrainConfig:
     num_workers: int = 1                  # DataLoader workers per rank
     trust_ratio_histogram_every: int = 100  # steps between TensorBoard trust-ratio histograms (0: off)
     tensorboard: bool = True
+    gns_every: int = 10                   # steps between gradient-noise-scale measurements (0: off); pretrain/gns.py
+    gns_ema: float = 0.95                 # decay of the noise scale's moving averages, per measurement
     max_consecutive_skips: int = 50       # fp16: steps in a row the loss scaler may skip before the run stops
     peak_tflops: Optional[float] = None   # accelerator peak for MFU (default: pretrain.metrics.PEAK_TFLOPS)
     extra: dict = field(default_factory=dict, repr=False)
@@ -62,9 +64,11 @@ class PretrainConfig:
             if int(getattr(self, key)) <= 0:
                 raise bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
         for key in ("eval_every", "checkpoint_every", "validation_shards", "num_workers", "eval_samples",
-                    "trust_ratio_histogram_every"):
+                    "trust_ratio_histogram_every", "gns_every"):
             if int(getattr(self, key)) < 0:
                 raise bad(key, f"must be >= 0, got {getattr(self, key)!r}")
+        if not 0.0 <= float(self.gns_ema) < 1.0:
+            raise bad("gns_ema", f"must be in [0, 1), got {self.gns_ema!r}")
         if self.peak_tflops is not None and not float(self.peak_tflops) > 0:
             raise bad("peak_tflops", f"must be a positive number, got {self.peak_tflops!r}")
         if self.init_optimizer_state not in KNOWN_PHASE_STATE:

@@ -133,6 +133,9 @@ class MetricsLogger:
                 parts.append(f"MFU {100 * record['mfu']:.1f}%")
             if record.get("peak_mem_gib") is not None:
                 parts.append(f"mem {record['peak_mem_gib']:.1f} GiB")
+            if record.get("gns_b_simple") is not None:
+                err = record.get("gns_b_simple_err")
+                parts.append(f"B_noise {record['gns_b_simple']:.4g}" + (f"±{err:.2g}" if err is not None else ""))
             if record.get("loss_scale") is not None:
                 parts.append(f"scale {record['loss_scale']:g} skipped {record.get('skipped_steps', 0)}")
             if "trust_median" in record:

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
 from pretrain import config as config_mod  # noqa: E402
 from pretrain import data as data_mod  # noqa: E402
+from pretrain.gns import NoiseScale  # noqa: E402
 from pretrain.metrics import MetricsLogger, device_name, peak_memory_gib, peak_tflops  # noqa: E402
 from pretrain.model import bert_config, build_model, count_parameters, load_weights  # noqa: E402
 from pretrain.steps import StepAccountant, TrainingDiverged  # noqa: E402
@@ -242,6 +243,11 @@ class TrainingRun:
         self.dist = dist
         self.metrics = MetricsLogger(output, self.is_main, cfg.tensorboard, progress["step"])
         self.stop = StopRequest(announce=self.is_main)
+        self.gns = NoiseScale(engine, every=cfg.gns_every, ema=cfg.gns_ema, micro=micro, glob=glob, accum=accum,
+                              all_reduce=dist.all_reduce)
+        if cfg.gns_every and not self.gns.enabled and self.is_main:
+            print("pretrain: gradient noise scale off: it needs at least 2 micro-batches per step "
+                  "(gradient accumulation or several ranks)", flush=True)
         lag = 0 if engine.device.type == "cpu" else 1
         self.acct = StepAccountant(engine, engine.device, lag=lag, max_consecutive_skips=cfg.max_consecutive_skips,
                                    min_loss_scale=min_loss_scale,
@@ -271,7 +277,8 @@ class TrainingRun:
                   "samples_per_s": iv["samples"] / elapsed, "tokens_per_s": iv["tokens"] / elapsed,
                   "mfu": iv["samples"] * self.flops_per_sample / elapsed / self.peak_flops if self.peak_flops else None,
                   "peak_mem_gib": peak_memory_gib(), "loss_scale": self.acct.loss_scale(),
-                  "skipped_steps": p["skipped"], "epoch": self.stream.epoch, "samples": p["samples"]}
+                  "skipped_steps": p["skipped"], "epoch": self.stream.epoch, "samples": p["samples"],
+                  **self.gns.record()}
         trust = getattr(self.engine.basic_optimizer, "trust_ratios", lambda: {})()
         every = self.cfg.trust_ratio_histogram_every
         self.metrics.log(record, trust=trust, histogram=bool(every) and p["step"] % every == 0)
@@ -288,16 +295,19 @@ class TrainingRun:
         last_saved = p["step"] if resuming else -1
         try:
             while p["step"] < cfg.max_steps:
-                for _ in range(self.accum):
+                self.gns.begin_step(p["step"] + 1, self.acct.loss_scale())
+                for i in range(self.accum):
                     batch = {k: v.to(device, non_blocking=True) for k, v in self.stream.next().items()}
                     out = engine(**batch)
                     engine.backward(out.loss)
+                    self.gns.end_micro(boundary=i == self.accum - 1)
                     engine.step()
                     self.acct.micro_batch(out, batch)
                 p["samples"] += self.glob
                 requested = self.stop.poll() or (self.args.stop_after is not None
                                                  and p["step"] + 1 >= self.args.stop_after)
                 outcome = self.acct.end_step(requested)
+                self.gns.end_step(outcome.applied)
                 if outcome.applied:
                     p["step"] += 1
                 else:
