@@ -135,6 +135,13 @@ def set_rng_state(state: dict) -> None:
         get_accelerator().set_rng_state(state["accelerator"])
 
 
+def read_marker(tag_dir: Path) -> dict:
+    try:
+        return json.loads((tag_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def save(engine, output: Path, step: int, client_state: dict, model_config_json: str, keep: int) -> Path:
     """Write checkpoint ``step`` on every rank; rank 0 then marks it complete and prunes."""
     import deepspeed.comm as dist
@@ -156,7 +163,8 @@ def save(engine, output: Path, step: int, client_state: dict, model_config_json:
     if rank == 0:
         files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != MARKER
                  and not p.name.startswith(".")}
-        atomic_write_text(tag_dir / MARKER, json.dumps({"step": step, "files": files}, indent=1))
+        marker = {"step": step, "files": files, "fingerprint": client_state.get("fingerprint")}
+        atomic_write_text(tag_dir / MARKER, json.dumps(marker, indent=1, default=str))
         atomic_write_text(ckpt_dir / "latest", tag)
         prune(ckpt_dir, keep)
     dist.barrier()

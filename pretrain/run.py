@@ -71,6 +71,33 @@ def fingerprint(ds_cfg: dict, cfg, manifest: dict) -> dict:
     return picked
 
 
+def check_output(args, cfg, ds_cfg: dict, manifest: dict) -> bool:
+    """Whether this launch resumes; refuses, before any process group or output exists, a run
+    over existing checkpoints without --resume, and a --resume with changed settings."""
+    ckpt_dir = Path(cfg.output) / "checkpoints"
+    present = checkpoint.checkpoint_dirs(ckpt_dir)
+    existing = checkpoint.latest_tag(ckpt_dir)
+    if present and not args.resume:
+        raise config_mod.ConfigError(f"{cfg.output} already holds checkpoints (latest {existing or 'none complete'}; "
+                                     f"{len(present)} checkpoint dirs); pass --resume to continue that run, or choose "
+                                     "another --output")
+    if args.resume and present and existing is None:
+        raise config_mod.ConfigError(f"--resume: no complete checkpoint among {', '.join(present)} in {ckpt_dir} "
+                                     "(each is unfinished or has missing or truncated files); move them away to start over")
+    if args.resume and existing is None:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
+        return False
+    if existing is not None and "train_batch_size" in ds_cfg:
+        old = checkpoint.read_marker(ckpt_dir / existing).get("fingerprint") or {}
+        fp = fingerprint(ds_cfg, cfg, manifest)
+        if old and old.get("hash") != fp["hash"]:
+            diff = [k for k in RESUME_KEYS if old.get(k) != fp.get(k)]
+            raise config_mod.ConfigError(f"--resume: {cfg.output} was trained with different settings {diff}; "
+                                         "use another --output or the original config")
+    return existing is not None
+
+
 def check_init_vocab(path: str, manifest: dict) -> None:
     """Phase 2 must read the data with phase 1's vocabulary: the same token ids, the same words."""
     data_vocab = manifest.get("vocab", {})
@@ -142,7 +169,6 @@ def main(argv=None) -> int:
 
     import deepspeed
     import deepspeed.comm as dist
-    from deepspeed.accelerator import get_accelerator
 
     import optim
 
@@ -152,6 +178,9 @@ def main(argv=None) -> int:
         bert_config(cfg.model, info.vocab_size)
     except ValueError as exc:
         raise config_mod.ConfigError(f"{args.config}: {exc}") from None
+    resuming = check_output(args, cfg, ds_cfg, info.manifest)  # refusals before anything is started
+    if cfg.init_checkpoint and not resuming:
+        check_init_vocab(cfg.init_checkpoint, info.manifest)
     # A process started without a launcher binds DeepSpeed's default port unless told otherwise;
     # honouring MASTER_PORT lets several single-process runs share a machine.
     deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
@@ -159,23 +188,8 @@ def main(argv=None) -> int:
     glob, micro, accum = config_mod.resolve_batch(ds_cfg, world, args.config)
     output = Path(cfg.output)
     is_main = rank == 0
-    present = checkpoint.checkpoint_dirs(output / "checkpoints")
-    existing = checkpoint.latest_tag(output / "checkpoints")
-    if present and not args.resume:
-        raise config_mod.ConfigError(f"{output} already holds checkpoints (latest {existing or 'none complete'}; "
-                                     f"{len(present)} checkpoint dirs); pass --resume to continue that run, or choose "
-                                     "another --output")
-    if args.resume and present and existing is None:
-        raise config_mod.ConfigError(f"--resume: no complete checkpoint among {', '.join(present)} in "
-                                     f"{output / 'checkpoints'} (each is unfinished or has missing or truncated files); "
-                                     "move them away to start over")
-    resuming = args.resume and existing is not None
-    if args.resume and not resuming and is_main:
-        print(f"--resume: no checkpoint in {output / 'checkpoints'}; starting from step 0", flush=True)
 
     # -- model, optionally initialised from phase 1; engine: DeepSpeed + our optimizer ----------
-    if cfg.init_checkpoint and not resuming:
-        check_init_vocab(cfg.init_checkpoint, info.manifest)
     model = build_model(cfg.model, info.vocab_size, cfg.seed)
     n_params = count_parameters(model)
     init_kind = init_ckpt_dir = init_tag = None

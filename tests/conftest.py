@@ -23,3 +23,38 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def pretrain_work(tmp_path_factory) -> Path:
+    """The embedded corpus, a 2,000-token vocab and shards at seq 128 and 512 (built once)."""
+    import sys
+
+    from tests.pretrain_helpers import run
+
+    d = tmp_path_factory.mktemp("e2e")
+    py = [sys.executable, "-m", "data_prep"]
+    run(py + ["embedded-corpus", "corpus"], d)
+    run(py + ["vocab", "--input", "corpus", "--output", "vocab", "--vocab-size", "2000"], d)
+    run(py + ["build", "--input", "corpus", "--vocab", "vocab", "--output", "data", "--seq-lens", "128,512",
+              "--shards", "4", "--no-progress"], d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def phase1(pretrain_work) -> Path:
+    """Phase 1 straight under ``mpiexec -n 2`` ("straight"), and the same run under ``deepspeed
+    --num_gpus 2`` stopped by a real Ctrl-C (SIGINT to the whole process group) then resumed
+    ("resumed"; its stop is checked in test_pretrain_signals.py)."""
+    import signal
+    import sys
+
+    from tests.pretrain_helpers import PHASE1, RUN, command, interrupted_run, mpiexec, run
+
+    straight = run([mpiexec(), "-n", "2", sys.executable, str(RUN), *PHASE1, "--output", "straight"], pretrain_work)
+    assert "world 2" in straight
+    text, seconds = interrupted_run(pretrain_work, "deepspeed", "group", signal.SIGINT, "resumed")
+    (pretrain_work / "resumed.stop.json").write_text(__import__("json").dumps({"seconds": seconds}))
+    second = run(command("deepspeed", "resumed", "--resume"), pretrain_work)
+    assert "resumed from step" in second
+    return pretrain_work

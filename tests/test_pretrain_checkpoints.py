@@ -1,5 +1,6 @@
 """Checkpoints are never lost to a missing or stale ``latest``, a deleted or truncated checkpoint,
-or a torn ``metrics.jsonl``; a refused launch changes nothing. Single-process runs of run.py."""
+or a torn ``metrics.jsonl``; a refused launch changes nothing. Single-process runs of run.py
+(the refusals happen before any process group exists, so those run in this process)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pretrain_e2e import RUN, env, free_port, losses, work  # noqa: F401 - work is a fixture
+from tests.pretrain_helpers import RUN, env, free_port, losses
 
 pytestmark = [pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +30,20 @@ def run(cwd: Path, out: str, *extra: str, expect: int = 0) -> str:
     return text
 
 
+def refused(cwd: Path, out: str, *extra: str, capsys) -> str:
+    """run.py in this process: it must refuse (exit 2) with one line and no traceback."""
+    import pretrain.run as run_mod
+
+    args = [str(cwd / a) if a.startswith("data/") else a for a in ARGS]
+    assert run_mod.cli([*args, "--output", str(cwd / out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
 @pytest.fixture(scope="module")
-def base(work):  # noqa: F811
+def base(pretrain_work):
+    work = pretrain_work
     run(work, "ckpt_base")
     tags = sorted(p.name for p in (work / "ckpt_base" / "checkpoints").glob("step*"))
     assert tags == ["step0000002", "step0000004", "step0000006"]
@@ -71,27 +84,27 @@ def test_empty_latest_and_a_truncated_optimizer_file_are_skipped_with_a_message(
     assert losses(d) == losses(base / "ckpt_base")
 
 
-def test_without_resume_an_output_with_checkpoints_is_refused_and_left_as_it_was(base):
+def test_without_resume_an_output_with_checkpoints_is_refused_and_left_as_it_was(base, capsys):
     d = copy(base, "ckpt_refused")
     (d / "checkpoints" / "latest").unlink()  # no "latest" at all: the checkpoints still count
     before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
-    text = run(base, "ckpt_refused", "--set", "optimizer.params.lr=0.003", expect=2)
+    text = refused(base, "ckpt_refused", "--set", "optimizer.params.lr=0.003", capsys=capsys)
     assert "already holds checkpoints (latest step0000006" in text and "pass --resume" in text
     after = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
     assert after == before  # config.effective.json included: the refused launch recorded nothing
 
 
-def test_resume_with_changed_settings_is_refused_and_changes_nothing(base):
+def test_resume_with_changed_settings_is_refused_and_changes_nothing(base, capsys):
     d = copy(base, "ckpt_changed")
     before = (d / "config.effective.json").read_bytes()
-    text = run(base, "ckpt_changed", "--resume", "--set", "optimizer.params.lr=0.003", expect=2)
+    text = refused(base, "ckpt_changed", "--resume", "--set", "optimizer.params.lr=0.003", capsys=capsys)
     assert "trained with different settings ['optimizer']" in text
     assert (d / "config.effective.json").read_bytes() == before
 
 
-def test_resume_with_no_complete_checkpoint_says_so(base):
+def test_resume_with_no_complete_checkpoint_says_so(base, capsys):
     d = copy(base, "ckpt_none")
     for tag in ("step0000002", "step0000004", "step0000006"):
         (d / "checkpoints" / tag / "complete.json").unlink()
-    text = run(base, "ckpt_none", "--resume", expect=2)
+    text = refused(base, "ckpt_none", "--resume", capsys=capsys)
     assert "no complete checkpoint among step0000002, step0000004, step0000006" in text

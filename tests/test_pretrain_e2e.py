@@ -1,58 +1,23 @@
 """End to end on the CPU with 2 processes (gloo, ZeRO-2, bf16), with the shipped cpu configs:
 
 data_prep on a small corpus -> phase 1 straight (launched with ``mpiexec -n 2``, ranks found by
-mpi4py) and phase 1 stopped after 3 steps then resumed (``deepspeed --num_gpus 2``): the same
+mpi4py) and phase 1 stopped by a real Ctrl-C then resumed (``deepspeed --num_gpus 2``): the same
 losses and bitwise the same weights -> phase 2 from phase 1 -> export -> ``from_pretrained``
-reproduces the MLM loss of the checkpoint.
+reproduces the MLM loss of the checkpoint. The data and phase 1 are session fixtures (conftest.py).
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.pretrain_helpers import PHASE1, ROOT, RUN, STEPS, deepspeed, losses, run
+
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-ROOT = Path(__file__).resolve().parents[1]
-RUN = ROOT / "pretrain" / "run.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def env() -> dict:
-    """The launchers (and mpi4py discovery) must decide ranks, not variables left by this process."""
-    base = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
-    return dict(base, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-
-
-def run(cmd: list[str], cwd: Path, expect: int = 0) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == expect, out[-5000:]
-    return out
-
-
-def deepspeed(cwd: Path, *args: str, expect: int = 0) -> str:
-    return run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                str(free_port()), str(RUN), *args], cwd, expect)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
 def optimizer_step(run_dir: Path, step: int) -> int:
@@ -72,38 +37,9 @@ def weights(run_dir: Path, step: int) -> dict:
     return fp32_state_dict(run_dir / "checkpoints", tag_for(step))
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp("e2e")
-    py = [sys.executable, "-m", "data_prep"]
-    run(py + ["embedded-corpus", "corpus"], d)
-    run(py + ["vocab", "--input", "corpus", "--output", "vocab", "--vocab-size", "2000"], d)
-    run(py + ["build", "--input", "corpus", "--vocab", "vocab", "--output", "data", "--seq-lens", "128,512",
-              "--shards", "4", "--no-progress"], d)
-    return d
-
-
-PHASE1 = ["--config", str(ROOT / "ds_configs/cpu_seq128.json"), "--data", "data/seq128", "--max-steps", "6",
-          "--train-batch-size", "16", "--micro-batch-size", "4", "--set", "pretrain.log_every=1"]
-
-
-@pytest.fixture(scope="module")
-def phase1(work):
-    mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-    if mpiexec is None:
-        pytest.skip("mpiexec not found (pip install mpich)")
-    straight = run([mpiexec, "-n", "2", sys.executable, str(RUN), *PHASE1, "--output", "straight"], work)
-    assert "world 2" in straight
-    first = deepspeed(work, *PHASE1, "--output", "resumed", "--stop-after", "3")
-    assert "stopped at step 3 on request" in first
-    second = deepspeed(work, *PHASE1, "--output", "resumed", "--resume")
-    assert "resumed from step0000003" in second
-    return work
-
-
 def test_resume_repeats_the_uninterrupted_run_bitwise(phase1):
     a, b = losses(phase1 / "straight"), losses(phase1 / "resumed")
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     assert a == b  # exact floats: same data order, masks, dropout and optimizer state
     wa, wb = weights(phase1 / "straight", 6), weights(phase1 / "resumed", 6)
     assert wa.keys() == wb.keys()
@@ -193,34 +129,52 @@ def test_finetune_loads_the_deepspeed_checkpoint_directly(phase1):
     assert tokenizer.is_fast and tokenizer.vocab_size == 2000
 
 
-def test_existing_run_is_not_overwritten_without_resume(phase1):
-    out = run([sys.executable, str(RUN), *PHASE1, "--output", "straight"], phase1, expect=2)
+def in_process(cwd: Path, argv: list[str], capsys) -> str:
+    """run.py's refusals come before any process group exists: run them here (exit 2, one line)."""
+    import pretrain.run as run_mod
+
+    argv = [str(cwd / a) if a.startswith(("data", "straight")) else a for a in argv]
+    assert run_mod.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_existing_run_is_not_overwritten_without_resume(phase1, capsys):
+    before = (phase1 / "straight" / "config.effective.json").read_bytes()
+    out = in_process(phase1, [*PHASE1, "--output", "straight"], capsys)
     assert "straight already holds checkpoints (latest step0000006" in out and "pass --resume" in out
+    assert (phase1 / "straight" / "config.effective.json").read_bytes() == before
 
 
-def test_bad_data_dir_fails_before_launching_ranks(work):
-    out = run([sys.executable, str(RUN), *PHASE1[:2], "--data", "data", "--output", "x"], work, expect=2)
-    assert "not a data_prep seq-len directory" in out and "seq128" in out
-    out = run([sys.executable, str(RUN), *PHASE1[:2], "--data", "data/seq512", "--output", "x"], work, expect=2)
-    assert "pretrain.seq_len is 128 but data/seq512 holds seq_len 512" in out
+def test_bad_data_dir_fails_before_launching_ranks(pretrain_work, capsys):
+    import pretrain.run as run_mod
+
+    work = pretrain_work
+    assert run_mod.cli([*PHASE1[:2], "--data", str(work / "data"), "--output", str(work / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "not a data_prep seq-len directory" in err and "seq128" in err
+    assert run_mod.cli([*PHASE1[:2], "--data", str(work / "data/seq512"), "--output", str(work / "x")]) == 2
+    assert f"pretrain.seq_len is 128 but {work / 'data/seq512'} holds seq_len 512" in capsys.readouterr().err
+    assert not (work / "x").exists()
 
 
-def test_phase2_refuses_a_checkpoint_of_another_vocabulary(phase1):
+def test_phase2_refuses_a_checkpoint_of_another_vocabulary(phase1, capsys):
     """Same vocab size, other words: without the check phase 2 would train on garbled ids."""
     shutil.copytree(phase1 / "data", phase1 / "data_other_vocab", dirs_exist_ok=True)
     manifest = phase1 / "data_other_vocab" / "seq512" / "manifest.json"
     m = json.loads(manifest.read_text())
     m["vocab"]["sha256"] = "0" * 64  # another vocabulary of the same size
     manifest.write_text(json.dumps(m))
-    out = run([sys.executable, str(RUN), "--config", str(ROOT / "ds_configs/cpu_seq512.json"), "--data",
-               "data_other_vocab/seq512", "--init-checkpoint", "straight", "--output", "phase2_other_vocab"],
-              phase1, expect=2)
+    out = in_process(phase1, ["--config", str(ROOT / "ds_configs/cpu_seq512.json"), "--data", "data_other_vocab/seq512",
+                              "--init-checkpoint", "straight", "--output", str(phase1 / "phase2_other_vocab")], capsys)
     assert "trained with another vocabulary (2000 tokens" in out and "data_prep build --vocab" in out
-    assert "Traceback" not in out
     assert not (phase1 / "phase2_other_vocab").exists()
 
 
-def test_export_names_a_missing_or_truncated_zero_partition(phase1):
+def test_export_names_a_missing_or_truncated_zero_partition(phase1, capsys):
+    from pretrain.export import main as export_main
+
     src = phase1 / "straight" / "checkpoints" / "step0000006"
     for case in ("missing", "truncated"):
         dst = phase1 / f"broken_{case}" / "step0000006"
@@ -232,8 +186,8 @@ def test_export_names_a_missing_or_truncated_zero_partition(phase1):
             (dst / "complete.json").unlink()  # as a checkpoint written before the marker existed
             with open(part, "r+b") as f:
                 f.truncate(part.stat().st_size // 3)
-        out = run([sys.executable, "-m", "pretrain.export", str(dst), str(phase1 / f"hf_{case}")], phase1, expect=2)
-        assert "Traceback" not in out, out
+        assert export_main([str(dst), str(phase1 / f"hf_{case}")]) == 2
+        out = capsys.readouterr().err
         assert ("zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in out if case == "missing"
                 else "cannot merge the ZeRO partitions" in out), out
         assert not (phase1 / f"hf_{case}" / "model.safetensors").exists()
@@ -246,10 +200,11 @@ def test_export_names_a_missing_or_truncated_zero_partition(phase1):
     (["--set", "scheduler.params.warmup_steps=5"], "scheduler.params: scheduler WarmupPolyDecay: unknown params ['warmup_steps']"),
     (["--model", "CONFIG"], "vocab_size 30522 but the data's vocab has 2000 tokens"),
 ])
-def test_bad_optimizer_or_model_settings_are_named_before_launching(work, override, message, capsys):
+def test_bad_optimizer_or_model_settings_are_named_before_launching(pretrain_work, override, message, capsys):
     """In this process (the checks run before any process group exists): exit 2, one line."""
     import pretrain.run as run_mod
 
+    work = pretrain_work
     if override[-1] == "CONFIG":
         from transformers import BertConfig
 
@@ -263,7 +218,9 @@ def test_bad_optimizer_or_model_settings_are_named_before_launching(work, overri
     assert not (work / "bad_settings").exists()
 
 
-def test_finetune_names_a_truncated_checkpoint(phase1):
+def test_finetune_names_a_truncated_checkpoint(phase1, capsys):
+    from finetune.squad import main as squad_main
+
     dst = phase1 / "broken_for_squad" / "checkpoints" / "step0000006"
     shutil.copytree(phase1 / "straight" / "checkpoints" / "step0000006", dst, dirs_exist_ok=True)
     part = next(dst.glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))
@@ -273,8 +230,8 @@ def test_finetune_names_a_truncated_checkpoint(phase1):
     squad.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": [{
         "context": "Denver won.", "qas": [{"id": "a", "question": "Who won?",
                                            "answers": [{"text": "Denver", "answer_start": 0}]}]}]}]}))
-    out = run([sys.executable, str(ROOT / "finetune" / "squad.py"), "--checkpoint", str(phase1 / "broken_for_squad"),
-               "--predict-file", str(squad), "--output", str(phase1 / "squad_broken")], phase1, expect=2)
-    assert "Traceback" not in out
+    assert squad_main(["--checkpoint", str(phase1 / "broken_for_squad"), "--predict-file", str(squad),
+                       "--output", str(phase1 / "squad_broken")]) == 2
+    out = capsys.readouterr().err
     assert "truncated" in out and "zero_pp_rank_0_mp_rank_00_optim_states.pt" in out, out[-2000:]
     assert not (phase1 / "squad_broken" / "predictions.json").exists()
