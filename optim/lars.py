@@ -4,8 +4,13 @@ arXiv 1708.03888): momentum SGD whose step for each tensor is scaled by a local 
     rate = η·‖w‖ / (‖g‖ + λ‖w‖ + eps)       (1 when ‖w‖ or ‖g‖ is 0)
     buf ← μ·buf + rate·(g + λw);  w ← w − lr·buf
 
-Param groups with λ = 0 (biases, LayerNorm) take rate = 1: plain momentum SGD. This is the
-baseline the LAMB paper compares against on BERT.
+Adaptation is a per-group switch, ``adapt`` (default True), independent of weight decay: a group
+with ``adapt=False`` takes rate = η, i.e. momentum SGD at ``lr·η`` (the step an adapted tensor
+takes when ‖w‖ = ‖g‖; with the LARS learning rates of the BERT comparisons, lr ≈ 1, that is SGD at
+1e-3). ``optim.param_groups`` puts biases and normalisation weights in such a group, as the LARS
+paper and its TPU implementation exclude them from both decay and adaptation; plain
+``Lars(model.parameters(), lr)`` adapts every tensor. This is the baseline the LAMB paper
+compares against on BERT.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ class Lars(LayerwiseOptimizer):
                              f"(got lr={lr}, momentum={momentum}, weight_decay={weight_decay}, "
                              f"trust_coefficient={trust_coefficient}, eps={eps})")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, eps=eps)
+                        trust_coefficient=trust_coefficient, eps=eps, adapt=True)
         super().__init__(params, defaults, impl)
 
     def _step_group(self, group: dict, buckets: list[Bucket], _prepared=None) -> None:
@@ -61,8 +66,8 @@ class Lars(LayerwiseOptimizer):
         w_norm, g_norm = totals[0].sqrt(), totals[1].sqrt()
         rate = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
         rate = torch.where((w_norm > 0) & (g_norm > 0), rate, torch.ones_like(rate))
-        if wd == 0:
-            rate = torch.ones_like(rate)
+        if not group.get("adapt", True):
+            rate = torch.full_like(rate, group["trust_coefficient"])
         self._remember(group, rate)
 
         for b, impl, ws, gs, bufs, _ in runs:

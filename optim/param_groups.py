@@ -32,6 +32,9 @@ def param_groups(model: nn.Module, weight_decay: float,
                  extra_no_decay: Iterable[str] = ()) -> list[dict]:
     """Two param groups (``decay``, ``no_decay``) with ``param_names`` for telemetry.
 
+    The no-decay group (biases, norm weights) is also excluded from LARS's layer-wise adaptation
+    (``"adapt": False``; see ``optim.Lars``); LAMB follows its variant's ``adapt_no_decay`` knob.
+
     ``extra_no_decay``: substrings of parameter names to exclude from decay as well.
     Frozen parameters (``requires_grad=False``) are left out; empty groups are dropped.
     """
@@ -47,9 +50,9 @@ def param_groups(model: nn.Module, weight_decay: float,
         target["param_names"].append(name)
     groups = []
     if decay["params"]:
-        groups.append({**decay, "weight_decay": weight_decay})
+        groups.append({**decay, "weight_decay": weight_decay, "adapt": True})
     if no_decay["params"]:
-        groups.append({**no_decay, "weight_decay": 0.0})
+        groups.append({**no_decay, "weight_decay": 0.0, "adapt": False})
     return groups
 
 

@@ -68,7 +68,7 @@ def ref_lamb(ws, grads, lr, variant, b1=0.9, b2=0.999, eps=1e-6, wd=0.01, min_co
     return w
 
 
-def ref_lars(ws, grads, lr, mu=0.9, wd=0.01, eta=0.001):
+def ref_lars(ws, grads, lr, mu=0.9, wd=0.01, eta=0.001, adapt=(True, True, True, True)):
     w = [x.numpy().copy() for x in ws]
     lam = [wd, 0.0, wd, 0.0]
     buf = [np.zeros_like(x) for x in w]
@@ -77,8 +77,8 @@ def ref_lars(ws, grads, lr, mu=0.9, wd=0.01, eta=0.001):
             g = gt.numpy()
             wn, gn = np.linalg.norm(w[i]), np.linalg.norm(g)
             rate = eta * wn / (gn + lam[i] * wn) if wn > 0 and gn > 0 else 1.0
-            if lam[i] == 0:
-                rate = 1.0
+            if not adapt[i]:
+                rate = eta
             buf[i] = mu * buf[i] + rate * (g + lam[i] * w[i])
             w[i] = w[i] - lr * buf[i]
     return w
@@ -102,6 +102,39 @@ def test_lars_matches_formula_fp64(impl):
     want = ref_lars(ws, grads, 0.5)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a.numpy(), b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["loop", "foreach", "fused"])
+def test_lars_adaptation_is_a_group_switch_not_weight_decay(impl):
+    """The no-decay group without adaptation steps at lr x trust_coefficient; a group without
+    weight decay that keeps ``adapt`` is still adapted (LARS, not plain momentum SGD)."""
+    ws, grads = problem(2, 6)
+    ws32 = [w.float() for w in ws]
+    g32 = [[g.float() for g in step] for step in grads]
+    params = [w.clone() for w in ws32]
+    groups = [{"params": [params[0], params[2]], "weight_decay": 0.01},
+              {"params": [params[1], params[3]], "weight_decay": 0.0, "adapt": False}]
+    opt = Lars(groups, lr=0.5, momentum=0.9, trust_coefficient=0.001, impl=impl)
+    for step_grads in g32:
+        for w, gr in zip(params, step_grads):
+            w.grad = gr.clone()
+        opt.step()
+    want = ref_lars(ws, grads, 0.5, adapt=(True, False, True, False))
+    for a, b in zip(params, want):
+        np.testing.assert_allclose(a.numpy(), b, rtol=2e-5, atol=1e-7)
+    assert opt.trust_ratios()["param2"] == opt.trust_ratios()["param3"] == pytest.approx(0.001)  # group 2
+
+
+def test_param_groups_exclude_biases_and_norms_from_lars_adaptation():
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    decay, no_decay = optim.param_groups(model, 0.01)
+    assert decay["adapt"] is True and no_decay["adapt"] is False
+    opt = Lars(optim.param_groups(model, 0.01), lr=1.0)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    ratios = opt.trust_ratios()
+    assert ratios["1.bias"] == ratios["0.bias"] == pytest.approx(0.001)  # lr x 1e-3: SGD at 1e-3
+    assert ratios["0.weight"] != pytest.approx(0.001)
 
 
 def test_nvidia_preclip_only_scales_large_gradients():
