@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                    "tokenization serves all")
     b.add_argument("--shards", type=int, default=64, help="shards per seq len; each holds the same number of "
                    "samples +-1, so any world size dividing it gets equal work")
+    b.add_argument("--heldout-shards", type=int, default=1,
+                   help="the last N shards hold a held-out set split by document: those documents (N/shards of "
+                        "all, drawn at random) feed no training sample, not even as a random next segment "
+                        "(0: no held-out set)")
     b.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (output does not "
                    "depend on it)")
     b.add_argument("--seed", type=int, default=12345, help="seed of every random choice")
@@ -187,6 +191,7 @@ def _build(a) -> int:
     from .config import BuildConfig
 
     cfg = BuildConfig(inputs=a.input, vocab=a.vocab, output=a.output, seq_lens=a.seq_lens, shards=a.shards,
+                      heldout_shards=a.heldout_shards,
                       workers=a.workers, seed=a.seed, masking=a.masking, dupe_factor=a.dupe_factor,
                       pair_task=a.pair_task, whole_word_mask=a.whole_word_mask, fmt=a.format,
                       short_seq_prob=a.short_seq_prob, mask_prob=a.mask_prob, max_predictions=a.max_predictions,

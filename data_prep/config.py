@@ -14,6 +14,7 @@ class BuildConfig:
     output: str
     seq_lens: tuple[int, ...] = (128, 512)
     shards: int = 64
+    heldout_shards: int = 1  # the last N shards hold whole documents that no training sample touches
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     seed: int = 12345
     masking: str = "dynamic"  # "static": masks drawn here and stored; "dynamic": drawn at load time
@@ -43,6 +44,9 @@ class BuildConfig:
             raise DataPrepError(f"--seq-lens {self.seq_lens}: repeated value")
         if self.shards < 1:
             raise DataPrepError(f"--shards {self.shards}: must be at least 1")
+        if not 0 <= self.heldout_shards < self.shards:
+            raise DataPrepError(f"--heldout-shards {self.heldout_shards}: must be between 0 and --shards - 1 "
+                                f"({self.shards - 1})")
         if self.workers < 1:
             raise DataPrepError(f"--workers {self.workers}: must be at least 1")
         if self.masking not in ("static", "dynamic"):

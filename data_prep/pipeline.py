@@ -344,16 +344,20 @@ def _pair_unit_inner(job: _PairJob) -> dict:
     out = _Appender(Path(job.out), names)
     unit = load(job.index)
     total_docs = int(doc_cum[-1])
+    heldout = _W.get("heldout")  # per global document: in the held-out set (None: no split)
     counts = {"samples": 0, "tokens": 0, "masked": 0, "label_0": 0, "label_1": 0}
     buffered = 0
     for dupe in range(cfg.dupe_factor):
         rng = np.random.default_rng([cfg.seed, job.seq_len, dupe, job.index])
         for d in range(len(unit.doc_off) - 1):
             gdoc = int(doc_cum[job.index]) + d
+            # A random "next" segment comes from the document's own side of the split: held-out
+            # text never enters a training sample, and the held-out samples use held-out text only.
+            pool = None if heldout is None else _W["heldout_ids" if heldout[gdoc] else "train_ids"]
 
-            def random_doc(r: np.random.Generator, _self=gdoc) -> _DocView:
+            def random_doc(r: np.random.Generator, _self=gdoc, _pool=pool) -> _DocView:
                 for _ in range(10):
-                    g = int(r.integers(0, total_docs))
+                    g = int(r.integers(0, total_docs)) if _pool is None else int(_pool[r.integers(0, len(_pool))])
                     if g != _self:
                         break
                 u = int(np.searchsorted(doc_cum, g, side="right") - 1)
@@ -394,7 +398,31 @@ def _pair_unit_inner(job: _PairJob) -> dict:
 
 # ----------------------------------------------------------------------------- pass 3: shard
 
-def _write_shards(seq_dir: Path, pair_dirs: list[Path], cfg: BuildConfig, dtype, progress) -> list[dict]:
+class _ShardOf:
+    """Which shard each sample goes to, in sample order: round-robin over all K shards, or with a
+    held-out set, training samples round-robin over the first K - H shards and samples of held-out
+    documents over the last H (so each group's shards differ by at most one sample)."""
+
+    def __init__(self, K: int, H: int, heldout: np.ndarray | None) -> None:
+        self.K, self.H, self.heldout = K, H, heldout
+        self.seen = np.zeros(2, np.int64)  # training, held-out samples assigned so far
+
+    def __call__(self, docs: np.ndarray) -> np.ndarray:
+        if self.heldout is None:
+            out = (self.seen[0] + np.arange(len(docs))) % self.K
+            self.seen[0] += len(docs)
+            return out
+        held = self.heldout[docs]
+        out = np.empty(len(docs), np.int64)
+        n_held = int(held.sum())
+        out[~held] = (self.seen[0] + np.arange(len(docs) - n_held)) % (self.K - self.H)
+        out[held] = self.K - self.H + (self.seen[1] + np.arange(n_held)) % self.H
+        self.seen += (len(docs) - n_held, n_held)
+        return out
+
+
+def _write_shards(seq_dir: Path, pair_dirs: list[Path], cfg: BuildConfig, dtype, progress,
+                  heldout: np.ndarray | None = None) -> list[dict]:
     K = cfg.shards
     static = cfg.masking == "static"
     # Sizes first (lengths only), so each shard file is laid out once and filled in place.
@@ -402,18 +430,21 @@ def _write_shards(seq_dir: Path, pair_dirs: list[Path], cfg: BuildConfig, dtype,
     n_tokens = np.zeros(K, np.int64)
     n_masks = np.zeros(K, np.int64)
     base = 0
+    shard_of = _ShardOf(K, cfg.heldout_shards, heldout)
     for d in pair_dirs:
         lengths = _load_raw(d, "length", np.uint16)
-        shard = (base + np.arange(len(lengths))) % K
+        shard = shard_of(_load_raw(d, "doc", np.int64))
         n_samples += np.bincount(shard, minlength=K)
         n_tokens += np.bincount(shard, weights=lengths, minlength=K).astype(np.int64)
         if static:
             n_masks += np.bincount(shard, weights=_load_raw(d, "mask_count", np.uint16), minlength=K).astype(np.int64)
         base += len(lengths)
     total = base
-    if total < K:
-        raise DataPrepError(f"only {total} samples at seq len {seq_dir.name[3:]}, fewer than --shards {K}: "
-                            f"give more text or fewer shards")
+    if (n_samples == 0).any():
+        what = "held-out " if heldout is not None and (n_samples[K - cfg.heldout_shards:] == 0).any() else ""
+        raise DataPrepError(f"only {total} samples at seq len {seq_dir.name[3:]}: some {what}shards of --shards {K} "
+                            "would be empty; give more text or fewer shards" +
+                            (" (or --heldout-shards 0)" if what else ""))
     width = max(5, len(str(K - 1)))
     writers = []
     for k in range(K):
@@ -434,10 +465,15 @@ def _write_shards(seq_dir: Path, pair_dirs: list[Path], cfg: BuildConfig, dtype,
     group_tokens = 0
     base = 0
 
+    shard_of = _ShardOf(K, cfg.heldout_shards, heldout)  # replays the assignment of the sizes pass
+
     def flush() -> None:
         nonlocal group, group_tokens
         per_shard: list[dict[str, list]] = [dict() for _ in range(K)]
         for gbase, d, lo, hi in group:
+            sid = shard_of(_load_raw(d, "doc", np.int64)[lo:hi])
+            order = np.argsort(sid, kind="stable")  # block-relative rows of each shard, in order
+            bounds = np.searchsorted(sid[order], np.arange(K + 1))
             length = _load_raw(d, "length", np.uint16)
             off = np.concatenate([[0], np.cumsum(length[lo:hi], dtype=np.int64)])
             toks = _load_raw(d, "tokens", dtype)
@@ -448,7 +484,7 @@ def _write_shards(seq_dir: Path, pair_dirs: list[Path], cfg: BuildConfig, dtype,
                 moff = np.concatenate([[0], np.cumsum(mcount[lo:hi], dtype=np.int64)])
                 mpos, mlab = _load_raw(d, "mask_pos", np.uint16), _load_raw(d, "mask_label", dtype)
             for k in range(K):
-                rows = np.arange((k - gbase - lo) % K, hi - lo, K)  # block-relative rows of shard k
+                rows = order[bounds[k]:bounds[k + 1]]
                 if len(rows) == 0:
                     continue
                 parts = per_shard[k]
@@ -638,6 +674,9 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
                 why(metas[i]) for i in range(min(3, len(units)))))
         doc_counts = np.array([metas[i]["documents"] for i in live], np.int64)
         state |= {"tok_dirs": [tok_dirs[i] for i in live], "doc_cum": np.concatenate([[0], np.cumsum(doc_counts)])}
+        heldout = _heldout_documents(int(doc_counts.sum()), cfg)
+        if heldout is not None:
+            state |= {"heldout": heldout, "heldout_ids": np.flatnonzero(heldout), "train_ids": np.flatnonzero(~heldout)}
         pair_dirs: dict[int, list[Path]] = {}
         corpus_key = _hash([keys[x] for x in live])
         jobs = []
@@ -684,7 +723,7 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
             old.unlink()
         t2 = time.perf_counter()
         with _progress(cfg, total=len(pair_dirs[L]), desc=f"shards seq{L}", unit="file") as bar:
-            shards = _write_shards(d, pair_dirs[L], cfg, dtype, bar)
+            shards = _write_shards(d, pair_dirs[L], cfg, dtype, bar, heldout)
         counts = {"samples": 0, "tokens": 0, "masked": 0, "label_0": 0, "label_1": 0}
         for p in pair_dirs[L]:
             for k, v in json.loads((p / "meta.json").read_text()).items():
@@ -719,6 +758,7 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
             "warnings": messages[:100],
             "num_shards": cfg.shards,
             "shards": shards,
+            "split": _split_record(cfg, heldout, shards),
         }
         if cfg.masking == "dynamic":
             manifest["note"] = ("masks are drawn at load time from an RNG seeded by (seed, epoch, index); "
@@ -744,6 +784,31 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return manifests
+
+
+def _heldout_documents(n_docs: int, cfg: BuildConfig) -> np.ndarray | None:
+    """Per document (global index): in the held-out set, a random H/K of all documents, drawn from
+    the build's seed (the same documents at every seq len)."""
+    if cfg.heldout_shards == 0:
+        return None
+    rng = np.random.default_rng([cfg.seed, 0x5EED, n_docs])
+    held = rng.random(n_docs) < cfg.heldout_shards / cfg.shards
+    if not held.any() or held.all():
+        raise DataPrepError(f"{n_docs} document(s) are too few to hold out {cfg.heldout_shards} of --shards "
+                            f"{cfg.shards} by document; give more text, or --heldout-shards 0")
+    return held
+
+
+def _split_record(cfg: BuildConfig, heldout: np.ndarray | None, shards: list[dict]) -> dict:
+    """The manifest's record of the held-out split (pretrain/data.py reads it)."""
+    K, H = cfg.shards, cfg.heldout_shards
+    if heldout is None:
+        return {"method": "none", "heldout_shards": []}
+    return {"method": "documents", "heldout_shards": list(range(K - H, K)),
+            "heldout_documents": int(heldout.sum()), "train_documents": int((~heldout).sum()),
+            "heldout_samples": int(sum(s["num_samples"] for s in shards[K - H:])),
+            "train_samples": int(sum(s["num_samples"] for s in shards[:K - H])),
+            "note": "held-out documents feed no training sample, not even as a random next segment"}
 
 
 def _write_vocab_dir(vocab: Vocab, d: Path) -> None:

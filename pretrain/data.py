@@ -1,8 +1,13 @@
 """Training and held-out data from a data_prep output directory.
 
-The last ``validation_shards`` shards are held out for the periodic held-out MLM loss; the rest
-is read through :class:`data_prep.DistributedPretrainingSampler`, so each rank trains on its own
-equal slice in a seeded order and a checkpoint can record the exact position to resume from.
+data_prep splits by document: its manifest's ``split`` names the shards that hold the held-out
+documents, which feed no training sample (``data_prep build --heldout-shards``). Those shards give
+the periodic held-out MLM loss (``pretrain.validation_shards: 0`` turns the evaluation off; they
+are never trained on either way). Data built before the split existed has none: there the last
+``validation_shards`` shards are held out, with a warning that their documents also feed
+training samples. The rest is read through :class:`data_prep.DistributedPretrainingSampler`, so
+each rank trains on its own equal slice in a seeded order and a checkpoint can record the exact
+position to resume from.
 """
 from __future__ import annotations
 
@@ -57,19 +62,32 @@ def inspect(cfg: PretrainConfig, source: str) -> DataInfo:
                 if vocab_dir.is_file():
                     vocab_dir = vocab_dir.parent
                 break
-    if cfg.validation_shards >= manifest["num_shards"]:
+    if "split" not in manifest and cfg.validation_shards >= manifest["num_shards"]:
         raise ConfigError(f"{source}: pretrain.validation_shards {cfg.validation_shards} leaves no training "
                           f"shard out of {manifest['num_shards']} in {path}")
     return DataInfo(path=path, manifest=manifest, vocab_size=int(vocab["size"]), vocab_dir=vocab_dir)
 
 
+def heldout_shards(info: DataInfo, cfg: PretrainConfig) -> tuple[list[int], bool]:
+    """(held-out shards, whether they hold documents of their own)."""
+    n = info.manifest["num_shards"]
+    split = info.manifest.get("split")
+    if split is not None:
+        return list(split["heldout_shards"]), split["method"] == "documents"
+    return list(range(n - cfg.validation_shards, n)), False
+
+
 def datasets(info: DataInfo, cfg: PretrainConfig) -> tuple[PretrainingDataset, Optional[PretrainingDataset]]:
     n = info.manifest["num_shards"]
-    held = list(range(n - cfg.validation_shards, n))
+    held, by_document = heldout_shards(info, cfg)
+    if held and not by_document:
+        print(f"pretrain: {info.path} has no document split (built before data_prep split by document): its last "
+              f"{len(held)} shard(s) are held out, but their documents also feed training samples; rebuild for a "
+              "clean held-out loss", flush=True)
     train = PretrainingDataset(info.path, seed=cfg.seed, max_predictions=cfg.max_predictions,
-                               shards=list(range(n - cfg.validation_shards)))
+                               shards=[k for k in range(n) if k not in held])
     val = None
-    if held:
+    if held and cfg.validation_shards:
         val = PretrainingDataset(info.path, seed=cfg.seed, max_predictions=cfg.max_predictions, shards=held)
     return train, val
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -81,7 +82,7 @@ def corpus(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def run_build(tmp: Path, inputs, vocab, name="out", **kw) -> Path:
-    opts = dict(seq_lens=(64, 128), shards=4, workers=1, progress=False)
+    opts = dict(seq_lens=(64, 128), shards=4, workers=1, progress=False, heldout_shards=0)
     opts.update(kw)
     out = tmp / name
     build(BuildConfig(inputs=[str(i) for i in inputs], vocab=str(vocab), output=str(out), **opts))
@@ -333,7 +334,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, corpus, vocab):
     assert not list((tmp_path / "o").rglob("shard_*")) and not (tmp_path / "o" / "seq64" / "manifest.json").exists()
     assert len(list((tmp_path / "o" / ".work" / "tok").glob("*/meta.json"))) == 1
     cli(*args, check=True)
-    clean = run_build(tmp_path, [corpus[0]], vocab, name="clean", seq_lens=(64,), shards=3)
+    clean = run_build(tmp_path, [corpus[0]], vocab, name="clean", seq_lens=(64,), shards=3, heldout_shards=1)
     for k in range(3):
         assert sha(tmp_path / "o" / "seq64" / f"shard_{k:05d}.bin") == sha(clean / "seq64" / f"shard_{k:05d}.bin")
 
@@ -436,7 +437,7 @@ def test_cli_errors_are_one_line(tmp_path, vocab):
     small = tmp_path / "small.txt"
     small.write_text("One short sentence here. And another one.\n")
     r = cli("build", "--input", small, "--vocab", vocab, "--output", tmp_path / "o2", "--shards", "50", "--no-progress")
-    assert r.returncode == 2 and "fewer than --shards 50" in r.stderr
+    assert r.returncode == 2 and "--shards 50" in r.stderr and "Traceback" not in r.stderr
     r = cli("build", "--input", small, "--vocab", vocab, "--output", tmp_path / "o3", "--seq-lens", "128,abc")
     assert r.returncode == 2 and "comma-separated integers" in r.stderr
 
@@ -671,3 +672,36 @@ def test_what_is_skipped_or_damaged_is_named_per_file(tmp_path, vocab):
     assert "skipped" in r.stderr and "blob.dat: binary file" in r.stderr
     assert "input problems in" in r.stderr and "latin1.txt: invalid_utf8=7" in r.stderr
     assert "more than --vocab-size 20:" in r.stderr
+
+
+def test_heldout_documents_never_reach_a_training_sample(tmp_path, vocab):
+    """Split by document before pairing: every sample of the held-out shard comes from held-out
+    documents (A and B segments), and no training sample holds a word of them, not even as a
+    random next segment. Each document's sentences carry its own marker word."""
+    src = tmp_path / "marked"
+    src.mkdir()
+    docs = [[f"Marker {d} says zqx{d}qzx and more words {'alpha beta gamma' if s % 2 else 'delta epsilon'} here."
+             for s in range(12)] for d in range(120)]
+    write_text(src / "docs.txt", docs, sents_per_line=3)
+    out = run_build(tmp_path, [src], vocab, name="split", seq_lens=(64,), shards=6, heldout_shards=1)
+    m = json.loads((out / "seq64" / "manifest.json").read_text())
+    split = m["split"]
+    assert split["method"] == "documents" and split["heldout_shards"] == [5]
+    assert split["heldout_documents"] + split["train_documents"] == 120 and split["heldout_documents"] > 0
+    from transformers import BertTokenizerFast
+
+    tok = BertTokenizerFast.from_pretrained(str(vocab))
+
+    def markers(shards):
+        ds = PretrainingDataset(out / "seq64", shards=shards)
+        found = set()
+        for i in range(len(ds)):
+            text = tok.decode(ds.raw(i)["tokens"].tolist())
+            found |= set(re.findall(r"zqx(\d+)qzx", text.replace(" ", "")))  # whole markers only
+        return found
+
+    held, train = markers([5]), markers([0, 1, 2, 3, 4])
+    assert held and train and not held & train
+    assert len(held) + len(train) <= 120
+    counts = [s["num_samples"] for s in m["shards"][:5]]
+    assert max(counts) - min(counts) <= 1

@@ -57,8 +57,13 @@ def test_real_wiki_and_books(tmp_path, shared_data):
         m = json.loads((out / f"seq{L}" / "manifest.json").read_text())
         assert m["corpus"]["documents"] == len(docs) + 2 and m["problems"]["short_documents"] == st.short_documents
         assert m["max_predictions_per_seq"] == max_pred
-        counts = [s["num_samples"] for s in m["shards"]]
-        assert max(counts) - min(counts) <= 1
+        held = set(m["split"]["heldout_shards"])
+        assert m["split"]["method"] == "documents" and held == {7}
+        counts = [s["num_samples"] for k, s in enumerate(m["shards"]) if k not in held]
+        assert max(counts) - min(counts) <= 1  # the training shards are balanced
+        # about 1/8 of the documents are held out, and their shard holds about a training shard's worth
+        assert 0.05 < m["split"]["heldout_documents"] / m["corpus"]["documents"] < 0.25
+        assert 0.3 < m["shards"][7]["num_samples"] / counts[0] < 3
         ds = PretrainingDataset(out / f"seq{L}")
         lengths = np.array([int(ds[i]["attention_mask"].sum()) for i in range(0, len(ds), 17)])
         # short_seq_prob=0.1 and document ends give shorter samples; at 128 most are still full
