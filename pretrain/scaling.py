@@ -24,6 +24,11 @@ Runs go in an order that leaves the most telling ones done first if the grid is 
 ``--parallel N`` runs N runs at once, each with its share of the CPU threads and its own port:
 small models on few cores train more samples per second as several single-thread processes
 (measured on 2 cores, bert-tiny at seq 64: 2 x 255 samples/s against 400 for one process).
+
+``--predict RUN_DIR`` trains nothing: from one run's gradient noise scale it predicts steps and
+samples to the loss that run reached at other batch sizes (``pretrain/predict.py``); with
+``--output GRID_DIR`` of a study it predicts the steps to the study's target and draws them on
+the study's ``scaling.png`` beside the measured points.
 """
 from __future__ import annotations
 
@@ -244,13 +249,14 @@ def write_outputs(results: list[dict], out: Path, target: float) -> None:
     summary = [{k: v for k, v in r.items() if k != "evals"} for r in results]
     (out / "summary.json").write_text(json.dumps({"target_loss": target, "runs": summary,
                                                   "scaling": scaling_summary(results)}, indent=1))
+    (out / "results.json").write_text(json.dumps(results))  # what plot() needs, for --predict's overlay
     try:
         plot(results, out, target)
     except ImportError:
         print("scaling: matplotlib is not installed; no plots", file=sys.stderr)
 
 
-def plot(results: list[dict], out: Path, target: float) -> None:
+def plot(results: list[dict], out: Path, target: float, prediction: Optional[dict] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,6 +295,12 @@ def plot(results: list[dict], out: Path, target: float) -> None:
     if lamb_hits:
         b0, s0 = min(lamb_hits)
         a2.plot(batches, [s0 * b0 / b for b in batches], "k--", lw=1, label="ideal linear scaling (from lamb)")
+    if prediction is not None:
+        pb = prediction["batches"]
+        a2.plot([b["batch"] for b in pb], [b["steps"] for b in pb], color="C3", lw=1.5,
+                label=f"predicted by the noise scale of {Path(prediction['run']).name}")
+        a2.fill_between([b["batch"] for b in pb], [min(b["steps_low_noise"], b["steps_high_noise"]) for b in pb],
+                        [max(b["steps_low_noise"], b["steps_high_noise"]) for b in pb], color="C3", alpha=0.15, lw=0)
     a1.set(xscale="log", xlabel="global batch", ylabel="final held-out MLM loss", title="same samples, best lr")
     a2.set(xscale="log", yscale="log", xlabel="global batch", ylabel=f"steps to held-out loss {target}",
            title="steps to target, best lr")
@@ -325,7 +337,52 @@ def parse_lrs(text: str) -> dict[str, float]:
     return out
 
 
+def predict_main(argv: list[str]) -> int:
+    from pretrain import predict as pred
+
+    ap = argparse.ArgumentParser(prog="python -m pretrain.scaling --predict", description=pred.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--predict", type=Path, required=True, metavar="RUN_DIR")
+    ap.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="default: powers of 2 from the run's batch / 8 to 65,536 (32k and 64k included)")
+    ap.add_argument("--target-loss", type=float, default=None, help="default: the loss the run reached")
+    ap.add_argument("--output", type=Path, default=None, help="a scaling study's output: overlay on its plot")
+    args = ap.parse_args(argv)
+    try:
+        _, b_run = pred.read_run(args.predict)
+        batches = args.batch_sizes or sorted({2 ** k for k in range(max(0, b_run.bit_length() - 4), 17)} | {32768, 65536})
+        grid = None
+        target, key = args.target_loss, "auto"
+        if args.output is not None:
+            summary = args.output / "summary.json"
+            if not (args.output / "results.json").is_file() or not summary.is_file():
+                raise FileNotFoundError(f"{args.output}: no results.json/summary.json of a scaling study")
+            grid = json.loads((args.output / "results.json").read_text())
+            if target is None:
+                target = json.loads(summary.read_text())["target_loss"]
+            key = "eval_mlm_loss"  # the study's targets are held-out losses
+            batches = sorted(set(batches) | {r["batch"] for r in grid})
+        p = pred.predict(args.predict, batches, target, key)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"scaling --predict: {exc}", file=sys.stderr)
+        return 2
+    (args.predict / "prediction.json").write_text(json.dumps(p, indent=1))
+    pred.print_prediction(p)
+    try:
+        pred.plot_prediction(p, args.predict / "prediction.png")
+        if grid is not None:
+            plot(grid, args.output, p["target_loss"], prediction=p)
+    except ImportError:
+        print("scaling: matplotlib is not installed; no plots", file=sys.stderr)
+    print(json.dumps({"prediction": str(args.predict / "prediction.json"), "target_loss": p["target_loss"],
+                      "steps": {b["batch"]: round(b["steps"], 1) for b in p["batches"]}}))
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--predict" in argv or any(a.startswith("--predict=") for a in argv):
+        return predict_main(argv)
     ap = argparse.ArgumentParser(prog="python -m pretrain.scaling", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, required=True, help="base pretraining config (model, data, precision)")

@@ -1,0 +1,147 @@
+"""Predict, from one run's gradient noise scale, the steps and samples other batch sizes need to
+reach the loss that run reached.
+
+McCandlish et al. 2018 (arXiv 1812.06162, section 2.2): to reach a given loss, the number of
+steps S and of samples E at batch B follow S = S_min·(1 + B_noise/B) and E = E_min·(1 + B/B_noise),
+with B_noise ≈ B_simple = tr(Σ)/|G|², the noise scale ``pretrain/gns.py`` logs. The noise scale
+grows as the loss falls, so the prediction integrates over the run: each step the run took at
+batch B_run, with the noise scale B_n(t) of that moment, stands for 1/(1 + B_n(t)/B_run) steps of
+an infinitely large batch, and for (1 + B_n(t)/B)/(1 + B_n(t)/B_run) steps at batch B. The band
+comes from the noise scale's jackknife error at the end of the run, applied to the whole course.
+
+    python -m pretrain.scaling --predict RUN_DIR [--batch-sizes 256,2048,32768,65536] [--target-loss L]
+        [--output GRID_DIR]      (also overlay the prediction on a scaling study's scaling.png)
+
+The loss is the held-out MLM loss when the run evaluated it (what the scaling study's targets
+are), else the training loss.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+
+def read_run(run_dir: Path) -> tuple[list[dict], int]:
+    """(metrics records, global batch) of a run directory written by pretrain/run.py."""
+    metrics = run_dir / "metrics.jsonl"
+    cfg = run_dir / "config.effective.json"
+    if not metrics.is_file() or not cfg.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (expected metrics.jsonl and config.effective.json)")
+    records = []
+    for line in metrics.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a torn last line
+    return records, int(json.loads(cfg.read_text())["train_batch_size"])
+
+
+def loss_curve(records: list[dict], key: str = "auto") -> tuple[str, list[tuple[int, float]]]:
+    """(which loss, [(step, loss)]): the held-out MLM loss when evaluated more than once, else the
+    training loss."""
+    held = [(r["step"], r["eval_mlm_loss"]) for r in records if r.get("eval_mlm_loss") is not None]
+    if key == "eval_mlm_loss" or (key == "auto" and len(held) > 1):
+        return "eval_mlm_loss", held
+    return "loss", [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+
+
+def noise_curve(records: list[dict]) -> list[tuple[int, float, Optional[float]]]:
+    return [(r["step"], r["gns_b_simple"], r.get("gns_b_simple_err")) for r in records
+            if r.get("gns_b_simple") is not None and math.isfinite(r["gns_b_simple"]) and r["gns_b_simple"] > 0]
+
+
+def steps_to(curve: list[tuple[int, float]], target: float) -> Optional[float]:
+    """First step at which the logged loss reaches ``target``, interpolated between log points."""
+    prev = None
+    for step, loss in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return float(step)
+            s0, l0 = prev
+            return s0 + (step - s0) * (l0 - target) / (l0 - loss)
+        prev = (step, loss)
+    return None
+
+
+def noise_at(curve: list[tuple[int, float, Optional[float]]], step: float) -> float:
+    """The noise scale at ``step``: linear between log points, the first value before them."""
+    if step <= curve[0][0]:
+        return curve[0][1]
+    for (s0, b0, _), (s1, b1, _) in zip(curve, curve[1:]):
+        if step <= s1:
+            return b0 + (b1 - b0) * (step - s0) / (s1 - s0)
+    return curve[-1][1]
+
+
+def predict(run_dir: Path, batch_sizes: list[int], target: Optional[float] = None, key: str = "auto") -> dict:
+    records, b_run = read_run(Path(run_dir))
+    (which, losses), noise = loss_curve(records, key), noise_curve(records)
+    if not losses:
+        raise ValueError(f"{run_dir}: no training loss in metrics.jsonl")
+    if not noise:
+        raise ValueError(f"{run_dir}: no gradient noise scale in metrics.jsonl (pretrain.gns_every was 0, or "
+                         "the run had one micro-batch per step)")
+    if target is None:  # the loss the run reached (training loss: the mean of its last three log points)
+        tail = losses[-1:] if which == "eval_mlm_loss" else losses[-3:]
+        target = sum(loss for _, loss in tail) / len(tail)
+    s_run = steps_to(losses, target)
+    if s_run is None:
+        raise ValueError(f"{run_dir}: the run never reached {which} {target:.4f} (its lowest: "
+                         f"{min(loss for _, loss in losses):.4f})")
+    err = noise[-1][2]
+    rel = (err / noise[-1][1]) if err else 0.0
+    out = {"run": str(run_dir), "run_batch": b_run, "loss": which, "target_loss": target, "run_steps": s_run,
+           "noise_scale_at_target": noise_at(noise, s_run), "noise_scale_rel_err": rel, "batches": []}
+    n = max(1, int(math.ceil(s_run)))
+    for factor, key in ((1.0, ""), (1.0 - rel, "_low_noise"), (1.0 + rel, "_high_noise")):
+        bn = [factor * noise_at(noise, t + 0.5) for t in range(n)]
+        weight = [min(1.0, s_run - t) for t in range(n)]  # the last step counts in part
+        s_min = sum(w / (1 + b / b_run) for w, b in zip(weight, bn))
+        out["s_min" + key] = s_min
+        for i, B in enumerate(batch_sizes):
+            steps = sum(w * (1 + b / B) / (1 + b / b_run) for w, b in zip(weight, bn))
+            if key == "":
+                out["batches"].append({"batch": B, "steps": steps, "samples": steps * B})
+            else:
+                out["batches"][i]["steps" + key] = steps
+    return out
+
+
+def print_prediction(p: dict) -> None:
+    print(f"\nprediction from {p['run']}: batch {p['run_batch']} reached {p['loss']} {p['target_loss']:.4f} in "
+          f"{p['run_steps']:.0f} steps; noise scale there {p['noise_scale_at_target']:.4g} "
+          f"(±{100 * p['noise_scale_rel_err']:.0f}%), S_min {p['s_min']:.0f} steps")
+    print(f"{'batch':>8s} {'steps':>10s} {'band':>19s} {'samples':>14s} {'steps vs run':>13s}")
+    for b in p["batches"]:
+        lo, hi = sorted((b["steps_low_noise"], b["steps_high_noise"]))
+        print(f"{b['batch']:8d} {b['steps']:10.0f} {f'{lo:.0f}-{hi:.0f}':>19s} {b['samples']:14,.0f} "
+              f"{b['steps'] / p['run_steps']:12.3f}x")
+
+
+def plot_prediction(p: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bs = [b["batch"] for b in p["batches"]]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    lo = [min(b["steps_low_noise"], b["steps_high_noise"]) for b in p["batches"]]
+    hi = [max(b["steps_low_noise"], b["steps_high_noise"]) for b in p["batches"]]
+    a1.plot(bs, [b["steps"] for b in p["batches"]], "C0-", label="predicted")
+    a1.fill_between(bs, lo, hi, color="C0", alpha=0.2, lw=0, label="noise-scale error")
+    a1.plot([p["run_batch"]], [p["run_steps"]], "ko", label="the run")
+    a1.axhline(p["s_min"], color="grey", ls=":", lw=1, label="S_min")
+    a2.plot(bs, [b["samples"] for b in p["batches"]], "C1-", label="predicted")
+    a2.fill_between(bs, [x * b for x, b in zip(lo, bs)], [x * b for x, b in zip(hi, bs)], color="C1", alpha=0.2, lw=0)
+    a2.plot([p["run_batch"]], [p["run_steps"] * p["run_batch"]], "ko", label="the run")
+    a1.set(xscale="log", yscale="log", xlabel="global batch", ylabel="steps", title=f"steps to {p['loss']} "
+           f"{p['target_loss']:.3f}")
+    a2.set(xscale="log", yscale="log", xlabel="global batch", ylabel="samples", title="samples")
+    for ax in (a1, a2):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

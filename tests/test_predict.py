@@ -1,0 +1,83 @@
+"""Predictions of steps and samples at other batch sizes from one run's noise scale, against the
+model S(B) = S_min (1 + B_noise/B) computed independently here (pretrain/predict.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pretrain import predict, scaling
+
+
+def make_run(d: Path, batch: int, noise, steps: int = 300, every: int = 10, evals: bool = False) -> Path:
+    """A run directory: loss falling linearly from 10 to 5 over ``steps``; noise(step) logged."""
+    d.mkdir(parents=True)
+    (d / "config.effective.json").write_text(json.dumps({"train_batch_size": batch}))
+    lines = []
+    for s in range(every, steps + 1, every):
+        rec = {"step": s, "loss": 10 - 5 * s / steps}
+        if noise is not None:
+            rec |= {"gns_b_simple": noise(s), "gns_b_simple_err": 0.1 * noise(s)}
+        lines.append(json.dumps(rec))
+        if evals and s % 50 == 0:
+            lines.append(json.dumps({"step": s, "eval_mlm_loss": 9 - 5 * s / steps}))
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def test_constant_noise_scale_follows_the_model(tmp_path):
+    run = make_run(tmp_path / "r", batch=50, noise=lambda s: 100.0)
+    p = predict.predict(run, [25, 50, 1000, 65536], target=5.0)
+    assert p["run_steps"] == pytest.approx(300)
+    s_min = 300 / (1 + 100 / 50)
+    assert p["s_min"] == pytest.approx(s_min)
+    for b in p["batches"]:
+        assert b["steps"] == pytest.approx(s_min * (1 + 100 / b["batch"]))
+        assert b["samples"] == pytest.approx(b["steps"] * b["batch"])
+    big = p["batches"][2]  # batch 1000, noise scale 10% lower and higher
+    assert sorted((big["steps_low_noise"], big["steps_high_noise"])) == pytest.approx(
+        sorted((300 * (1 + 90 / 1000) / (1 + 90 / 50), 300 * (1 + 110 / 1000) / (1 + 110 / 50))))
+
+
+def test_a_growing_noise_scale_is_integrated_over_the_run(tmp_path):
+    noise = lambda s: 20.0 + 2.0 * s  # noqa: E731 - grows as the loss falls, as in real runs
+    run = make_run(tmp_path / "r", batch=64, noise=noise)
+    p = predict.predict(run, [16, 2048], target=7.5)  # reached half way, at step 150
+    t = np.arange(150) + 0.5
+    bn = np.interp(t, np.arange(10, 301, 10), noise(np.arange(10, 301, 10)))
+    for b in p["batches"]:
+        want = np.sum((1 + bn / b["batch"]) / (1 + bn / 64))
+        assert b["steps"] == pytest.approx(want, rel=1e-9)
+    assert p["noise_scale_at_target"] == pytest.approx(noise(150))
+
+
+def test_cli_writes_the_prediction_and_names_bad_runs(tmp_path, capsys):
+    run = make_run(tmp_path / "r", batch=128, noise=lambda s: 500.0, evals=True)
+    assert scaling.main(["--predict", str(run), "--batch-sizes", "128,32768,65536"]) == 0
+    out = capsys.readouterr().out
+    p = json.loads((run / "prediction.json").read_text())
+    assert p["loss"] == "eval_mlm_loss" and p["target_loss"] == pytest.approx(4.0)  # the held-out loss it reached
+    assert [b["batch"] for b in p["batches"]] == [128, 32768, 65536] and "65536" in out
+    assert (run / "prediction.png").stat().st_size > 0
+    silent = make_run(tmp_path / "no_gns", batch=128, noise=None)
+    assert scaling.main(["--predict", str(silent)]) == 2
+    assert "no gradient noise scale in metrics.jsonl" in capsys.readouterr().err
+    assert scaling.main(["--predict", str(run), "--target-loss", "1.0"]) == 2
+    assert "never reached eval_mlm_loss 1.0000" in capsys.readouterr().err
+
+
+def test_overlay_on_a_scaling_study(tmp_path):
+    run = make_run(tmp_path / "r", batch=64, noise=lambda s: 200.0, evals=True)
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    results = [{"name": f"lamb_b{b}_lrx1", "optimizer": "lamb", "batch": b, "lr": 1e-3, "lr_multiplier": 1.0,
+                "steps": 100, "final_loss": 6.0, "steps_to_target": 300 * 64 / b, "exit_code": 0, "wall_s": 1.0,
+                "evals": [{"samples": 1000, "step": 10, "eval_mlm_loss": 6.0}]} for b in (64, 256)]
+    (grid / "results.json").write_text(json.dumps(results))
+    (grid / "summary.json").write_text(json.dumps({"target_loss": 5.0}))
+    assert scaling.main(["--predict", str(run), "--output", str(grid), "--batch-sizes", "1024"]) == 0
+    p = json.loads((run / "prediction.json").read_text())
+    assert p["target_loss"] == 5.0 and {b["batch"] for b in p["batches"]} == {64, 256, 1024}
+    assert (grid / "scaling.png").stat().st_size > 0
