@@ -37,6 +37,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -67,10 +68,12 @@ class RunSpec:
     lr_multiplier: float
     steps: int
     micro_batch: int
+    seed_offset: int = 0  # 0: the study's seed; k: a repeat with seed + k (the noise between runs)
 
     @property
     def name(self) -> str:
-        return f"{self.optimizer}_b{self.batch}_lrx{self.lr_multiplier:g}"
+        return f"{self.optimizer}_b{self.batch}_lrx{self.lr_multiplier:g}" + (f"_s{self.seed_offset}"
+                                                                             if self.seed_offset else "")
 
 
 
@@ -84,11 +87,17 @@ def cpu_count():
     return os.cpu_count()
 
 def plan(args) -> list[RunSpec]:
+    """Every (optimizer, batch, lr multiplier) to run: the multipliers at the smallest and largest
+    batch, at every batch for the optimizers in ``--search-all``; optimizers in ``--ends-only``
+    run at the smallest and largest batch only."""
     batches = sorted(args.batch_sizes)
     specs = []
     for opt in args.optimizers:
         for batch in batches:
-            mults = args.lr_multipliers if batch in (batches[0], batches[-1]) else [1.0]
+            ends = batch in (batches[0], batches[-1])
+            if opt in getattr(args, "ends_only", []) and not ends:
+                continue
+            mults = args.lr_multipliers if ends or opt in getattr(args, "search_all", []) else [1.0]
             for mult in mults:
                 steps = args.samples // batch
                 if steps < 1:
@@ -146,7 +155,7 @@ def run_one(spec: RunSpec, args, out: Path, slot: int = 0) -> dict:
           [sys.executable, str(REPO / "pretrain" / "run.py")]
     cmd += ["--config", str(args.config), "--data", str(args.data), "--output", str(run_dir),
             "--train-batch-size", str(spec.batch), "--micro-batch-size", str(spec.micro_batch),
-            "--max-steps", str(spec.steps), "--seed", str(args.seed)]
+            "--max-steps", str(spec.steps), "--seed", str(args.seed + spec.seed_offset)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     if (run_dir / "checkpoints" / "latest").is_file():
@@ -161,12 +170,26 @@ def run_one(spec: RunSpec, args, out: Path, slot: int = 0) -> dict:
     wall = time.time() - t0
     evals = read_evals(run_dir, spec)
     result = {**asdict(spec), "name": spec.name, "exit_code": proc.returncode, "wall_s": wall, "evals": evals,
+              "gns": read_noise(run_dir, spec.batch),
               "final_loss": evals[-1]["eval_mlm_loss"] if evals else math.nan,
               "diverged": proc.returncode == 3}
     with_target(result, args.target_loss)
     if proc.returncode in (0, 3):  # finished, or stopped on a non-finite loss: both are results
         done.write_text(json.dumps(result, indent=1))
+        compact(run_dir)
     return result
+
+
+def compact(run_dir: Path) -> None:
+    """What a finished run keeps (small enough to commit, so a study spread over sessions adds
+    up): result.json, metrics.jsonl, config.effective.json and the log's last 200 lines."""
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    log = run_dir / "log.txt"
+    if log.is_file():
+        lines = log.read_text(errors="replace").splitlines()
+        if len(lines) > 200:
+            log.write_text("\n".join(["[... earlier lines dropped]"] + lines[-200:]) + "\n")
 
 
 def with_target(result: dict, target: float) -> dict:
@@ -187,6 +210,22 @@ def with_target(result: dict, target: float) -> dict:
     return result
 
 
+def read_noise(run_dir: Path, batch: int) -> list[dict]:
+    """The run's gradient noise scale over training (moving averages as logged)."""
+    path = run_dir / "metrics.jsonl"
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("gns_b_simple") is not None:
+                out.append({"step": rec["step"], "samples": rec["step"] * batch, "loss": rec.get("loss"),
+                            "b_simple": rec["gns_b_simple"], "err": rec.get("gns_b_simple_err")})
+    return out
+
+
 def read_evals(run_dir: Path, spec: RunSpec) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -201,14 +240,42 @@ def read_evals(run_dir: Path, spec: RunSpec) -> list[dict]:
     return [evals[s] for s in sorted(evals)]
 
 
+def unigram_entropy(data_dir: Path) -> Optional[float]:
+    """Cross-entropy (nats) of the held-out tokens under the training tokens' unigram frequencies:
+    the MLM loss of a model that ignores context (masks fall uniformly on non-special tokens), the
+    plateau a run must get below to have learned anything from context."""
+    import numpy as np
+
+    from data_prep import shardio
+
+    manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+    held = set((manifest.get("split") or {}).get("heldout_shards", [])) or {manifest["num_shards"] - 1}
+    vocab = int(manifest["vocab"]["size"])
+    special = list(manifest["vocab"]["special_ids"].values())
+    counts = {True: np.zeros(vocab, np.int64), False: np.zeros(vocab, np.int64)}
+    for k, shard in enumerate(manifest["shards"]):
+        arrays, _ = shardio.open_arrays(Path(data_dir) / shard["path"])
+        counts[k in held] += np.bincount(arrays["tokens"].astype(np.int64), minlength=vocab)
+    for c in counts.values():
+        c[special] = 0
+    train, test = counts[False], counts[True]
+    if test.sum() == 0:
+        return None
+    p = (train + 1) / (train.sum() + vocab)  # add-one: a held-out token unseen in training has a price
+    return float(-(test * np.log(p)).sum() / test.sum())
+
+
 def best_per_batch(results: list[dict], by: str = "final") -> dict[tuple[str, int], dict]:
     """The best run of each (optimizer, batch) over the learning-rate search: lowest final loss
-    (``by="final"``) or fewest steps to the target (``by="target"``, runs that reach it only)."""
+    (``by="final"``) or fewest steps to the target (``by="target"``, runs that reach it only).
+    Repeats with another seed are not candidates (they measure the noise between runs)."""
     def score(r):
         return _final(r) if by == "final" else (r["steps_to_target"] if r["steps_to_target"] is not None else math.inf)
 
     best: dict[tuple[str, int], dict] = {}
     for r in results:
+        if r.get("seed_offset", 0):
+            continue
         key = (r["optimizer"], r["batch"])
         if key not in best or score(r) < score(best[key]):
             best[key] = r
@@ -229,15 +296,24 @@ def scaling_summary(results: list[dict]) -> dict[str, list[dict]]:
     for opt in sorted({o for o, _ in best}):
         rows = sorted((b, r) for (o, b), r in best.items() if o == opt)
         ref = rows[0][1]["samples_to_target"]
-        out[opt] = [{"batch": b, "lr": r["lr"], "steps_to_target": r["steps_to_target"],
-                     "samples_to_target": r["samples_to_target"],
-                     "samples_vs_smallest_batch": (r["samples_to_target"] / ref
-                                                   if ref and r["samples_to_target"] is not None else None)}
-                    for b, r in rows]
+        out[opt] = []
+        for b, r in rows:
+            mult = r.get("lr_multiplier", 1.0)
+            tried = sorted(x.get("lr_multiplier", 1.0) for x in results
+                           if x["optimizer"] == opt and x["batch"] == b and not x.get("seed_offset", 0))
+            repeats = [x["steps_to_target"] for x in results if x["optimizer"] == opt and x["batch"] == b
+                       and x.get("lr_multiplier", 1.0) == mult and x.get("seed_offset", 0)]
+            out[opt].append({
+                "batch": b, "lr": r["lr"], "lr_multiplier": mult, "lr_multipliers_tried": tried,
+                "best_lr_at_edge": len(tried) > 1 and mult in (tried[0], tried[-1]),
+                "steps_to_target": r["steps_to_target"], "steps_to_target_other_seeds": repeats,
+                "samples_to_target": r["samples_to_target"], "final_loss": r.get("final_loss"),
+                "samples_vs_smallest_batch": (r["samples_to_target"] / ref
+                                              if ref and r["samples_to_target"] is not None else None)})
     return out
 
 
-def write_outputs(results: list[dict], out: Path, target: float) -> None:
+def write_outputs(results: list[dict], out: Path, target: float, unigram: Optional[float] = None) -> None:
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "optimizer", "batch", "lr", "lr_multiplier", "step", "samples", "eval_mlm_loss",
@@ -246,9 +322,12 @@ def write_outputs(results: list[dict], out: Path, target: float) -> None:
             for e in r["evals"]:
                 w.writerow([r["name"], r["optimizer"], r["batch"], r["lr"], r["lr_multiplier"], e["step"],
                             e["samples"], e["eval_mlm_loss"], e["eval_mlm_acc"], e["eval_nsp_acc"]])
-    summary = [{k: v for k, v in r.items() if k != "evals"} for r in results]
-    (out / "summary.json").write_text(json.dumps({"target_loss": target, "runs": summary,
-                                                  "scaling": scaling_summary(results)}, indent=1))
+    summary = [{k: v for k, v in r.items() if k not in ("evals", "gns")} for r in results]
+    if unigram is not None:
+        for r in summary:
+            r["below_unigram"] = unigram - r["final_loss"] if r["final_loss"] == r["final_loss"] else None
+    (out / "summary.json").write_text(json.dumps({"target_loss": target, "unigram_entropy": unigram,
+                                                  "runs": summary, "scaling": scaling_summary(results)}, indent=1))
     (out / "results.json").write_text(json.dumps(results))  # what plot() needs, for --predict's overlay
     try:
         plot(results, out, target)
@@ -311,6 +390,20 @@ def plot(results: list[dict], out: Path, target: float, prediction: Optional[dic
     fig.savefig(out / "scaling.png", dpi=120)
     plt.close(fig)
 
+    courses = [(b, r) for (o, b), r in sorted(best.items()) if r.get("gns")]
+    if courses:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for b, r in courses:
+            g = r["gns"]
+            ax.plot([x["samples"] for x in g], [x["b_simple"] for x in g], lw=1,
+                    label=f"{r['optimizer']} batch {b}")
+        ax.set(xscale="log", yscale="log", xlabel="samples", ylabel="gradient noise scale B_simple",
+               title="noise scale over training (best lr per batch)")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / "noise_scale.png", dpi=120)
+        plt.close(fig)
+
 
 def print_table(results: list[dict], target: float) -> None:
     print(f"\n{'run':28s} {'lr':>9s} {'steps':>7s} {'final loss':>11s} {'steps to ' + str(target):>14s} {'wall s':>8s}")
@@ -325,6 +418,26 @@ def print_table(results: list[dict], target: float) -> None:
             steps = f"{row['steps_to_target']:.0f}" if row["steps_to_target"] is not None else "not reached"
             rel = f"{row['samples_vs_smallest_batch']:.2f}" if row["samples_vs_smallest_batch"] is not None else "-"
             print(f"{opt:10s} {row['batch']:6d} {row['lr']:9.2e} {steps:>16s} {rel:>26s}")
+
+
+def repeat_specs(args, results: list[dict]) -> list[RunSpec]:
+    """More seeds of the best lr at the smallest and largest batch (``--repeat-best``)."""
+    if args.repeat_best < 2 or not results:
+        return []
+    batches = sorted(args.batch_sizes)
+    best = best_per_batch(results, by="target")
+    final = best_per_batch(results)
+    out = []
+    for opt in args.search_all:
+        for b in (batches[0], batches[-1]):
+            r = best.get((opt, b))
+            if r is None or r["steps_to_target"] is None:
+                r = final.get((opt, b))
+            if r is None:
+                continue
+            for k in range(1, args.repeat_best):
+                out.append(RunSpec(opt, b, r["lr"], r["lr_multiplier"], r["steps"], r["micro_batch"], seed_offset=k))
+    return out
 
 
 def parse_lrs(text: str) -> dict[str, float]:
@@ -396,6 +509,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--lr-rule", choices=["sqrt", "linear", "none"], default="sqrt")
     ap.add_argument("--lr-multipliers", type=lambda s: [float(x) for x in s.split(",")], default=[1.0],
                     help="lr search at the smallest and largest batch, e.g. 0.5,1,2")
+    ap.add_argument("--search-all", type=lambda s: [x for x in s.split(",") if x], default=[],
+                    help="optimizers whose lr is searched (--lr-multipliers) at every batch, not only at the ends")
+    ap.add_argument("--ends-only", type=lambda s: [x for x in s.split(",") if x], default=[],
+                    help="optimizers run at the smallest and largest batch only")
+    ap.add_argument("--repeat-best", type=int, default=1, metavar="N",
+                    help="runs per best lr at the smallest and largest batch (N-1 more seeds), for "
+                         "the optimizers in --search-all: the noise between runs")
     ap.add_argument("--warmup", type=float, default=0.1, help="warmup as a fraction of each run's steps")
     ap.add_argument("--power", type=float, default=0.5, help="polynomial decay power")
     ap.add_argument("--micro-batch", type=int, default=64, help="largest micro batch per rank (accumulate above)")
@@ -419,6 +539,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error("--parallel must be at least 1")
     args.output.mkdir(parents=True, exist_ok=True)
     specs = plan(args)
+    try:
+        unigram = unigram_entropy(args.data)
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"scaling: no unigram entropy ({exc})", file=sys.stderr)
+        unigram = None
+    if unigram is not None:
+        print(f"scaling: held-out unigram entropy {unigram:.4f} nats (the loss of a model that ignores context)",
+              flush=True)
     print(f"scaling: {len(specs)} runs, {args.samples:,} samples each, {args.parallel} at a time, "
           f"output {args.output}", flush=True)
     results: dict[int, dict] = {}
@@ -441,7 +569,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"[{len(results)}/{len(specs)}] {spec.name}: {spec.steps} steps of {spec.batch} "
                   f"(micro {spec.micro_batch}), lr {spec.lr:.2e} -> final held-out loss {r['final_loss']:.4f} "
                   f"({status})", flush=True)
-            write_outputs([results[k] for k in sorted(results)], args.output, args.target_loss)
+            write_outputs([results[k] for k in sorted(results)], args.output, args.target_loss, unigram)
 
     if args.summarize:
         missing = []
@@ -457,8 +585,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
             for future in [pool.submit(work, i, specs[i]) for i in order]:
                 future.result()
+    repeats = repeat_specs(args, [results[k] for k in sorted(results)])
+    if repeats:
+        base = len(specs)
+        specs += repeats
+        if args.summarize:
+            for i, spec in enumerate(repeats, start=base):
+                if (args.output / spec.name / "result.json").is_file():
+                    results[i] = run_one(spec, args, args.output)
+        else:
+            with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+                for future in [pool.submit(work, i, spec) for i, spec in enumerate(repeats, start=base)]:
+                    future.result()
     results = [results[k] for k in sorted(results)]
-    write_outputs(results, args.output, args.target_loss)
+    write_outputs(results, args.output, args.target_loss, unigram)
     print_table(results, args.target_loss)
     print(json.dumps({"scaling": str(args.output), "runs": len(results)}))
     return 0 if all(r["exit_code"] in (0, 3) for r in results) else 1

@@ -159,3 +159,62 @@ def test_runs_are_ordered_so_an_early_stop_keeps_the_telling_ones():
                          "lamb_b2048_lrx1", "adamw_b2048_lrx1"]
     assert set(order[6:10]) == {f"{o}_b2048_lrx{m}" for o in ("lamb", "adamw") for m in ("0.5", "2")}
     assert order[-2:] == ["lamb_b64_lrx0.5", "adamw_b64_lrx0.5"]
+
+
+def test_plan_searches_lr_at_every_batch_where_asked_and_runs_ends_only_optimizers_at_the_ends(tmp_path):
+    args = make_args(tmp_path)
+    args.batch_sizes, args.optimizers = [64, 256, 1024], ["lamb", "adamw", "lars"]
+    args.lr = {"lamb": 1e-3, "adamw": 1e-3, "lars": 1.0}
+    args.lr_multipliers, args.search_all, args.ends_only = [0.5, 1.0, 2.0], ["lamb", "adamw"], ["lars"]
+    args.samples, args.base_batch, args.lr_rule, args.np, args.micro_batch = 4096, 64, "sqrt", 1, 64
+    specs = scaling.plan(args)
+    by = {(s.optimizer, s.batch): sorted(x.lr_multiplier for x in specs if (x.optimizer, x.batch) == (s.optimizer, s.batch))
+          for s in specs}
+    assert by[("lamb", 256)] == by[("adamw", 256)] == [0.5, 1.0, 2.0]
+    assert ("lars", 256) not in by and by[("lars", 64)] == by[("lars", 1024)] == [0.5, 1.0, 2.0]
+
+
+def test_repeats_take_the_best_lr_at_the_ends(tmp_path):
+    args = make_args(tmp_path)
+    args.batch_sizes, args.search_all, args.repeat_best = [64, 1024], ["lamb"], 2
+    results = [dict(fake_result("lamb", 64, 1e-3, [(1000, 4.0)]), lr_multiplier=1.0, steps=10, micro_batch=64),
+               dict(fake_result("lamb", 64, 2e-3, [(1000, 4.4)]), lr_multiplier=2.0, steps=10, micro_batch=64),
+               dict(fake_result("lamb", 1024, 4e-3, [(4096, 6.0)]), lr_multiplier=1.0, steps=4, micro_batch=64)]
+    reps = scaling.repeat_specs(args, results)
+    assert [(r.batch, r.lr, r.seed_offset) for r in reps] == [(64, 1e-3, 1), (1024, 4e-3, 1)]
+    assert reps[0].name == "lamb_b64_lrx1_s1"
+    # repeats are reported beside the best run, never chosen as the best themselves
+    results.append(dict(fake_result("lamb", 64, 1e-3, [(900, 4.0)]), lr_multiplier=1.0, seed_offset=1))
+    row = scaling.scaling_summary(results)["lamb"][0]
+    assert row["samples_to_target"] == pytest.approx(1000) and row["steps_to_target_other_seeds"] == [pytest.approx(900 / 64)]
+
+
+def test_unigram_entropy_of_the_held_out_tokens(tmp_path):
+    import numpy as np
+
+    from data_prep import shardio
+
+    d = tmp_path / "seq8"
+    d.mkdir()
+    train = np.array([5, 5, 5, 6, 0, 1], np.uint16)  # 0, 1 special: ignored
+    held = np.array([5, 6, 6, 7], np.uint16)
+    for k, toks in enumerate((train, held)):
+        shardio.write_arrays(d / f"shard_{k}.bin", {"tokens": toks})
+    (d / "manifest.json").write_text(json.dumps({
+        "num_shards": 2, "shards": [{"path": "shard_0.bin"}, {"path": "shard_1.bin"}], "split": {"heldout_shards": [1]},
+        "vocab": {"size": 8, "special_ids": {"[PAD]": 0, "[CLS]": 1}}}))
+    p = {5: (3 + 1) / (4 + 8), 6: (1 + 1) / (4 + 8), 7: 1 / (4 + 8)}  # add-one over the 8-token vocab
+    want = -(np.log(p[5]) + 2 * np.log(p[6]) + np.log(p[7])) / 4
+    assert scaling.unigram_entropy(d) == pytest.approx(want)
+
+
+def test_a_finished_run_keeps_only_small_files(tmp_path):
+    run = tmp_path / "r"
+    (run / "checkpoints" / "step0000010").mkdir(parents=True)
+    (run / "checkpoints" / "step0000010" / "big.pt").write_bytes(b"x" * 1000)
+    (run / "log.txt").write_text("\n".join(f"line {i}" for i in range(500)))
+    (run / "metrics.jsonl").write_text("{}\n")
+    scaling.compact(run)
+    assert not (run / "checkpoints").exists() and (run / "metrics.jsonl").is_file()
+    lines = (run / "log.txt").read_text().splitlines()
+    assert len(lines) == 201 and lines[-1] == "line 499"
