@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
 from pretrain import config as config_mod  # noqa: E402
 from pretrain import data as data_mod  # noqa: E402
+from pretrain.distributed import init_distributed  # noqa: E402
 from pretrain.gns import NoiseScale  # noqa: E402
 from pretrain.metrics import MetricsLogger, device_name, peak_memory_gib, peak_tflops  # noqa: E402
 from pretrain.model import bert_config, build_model, count_parameters, load_weights  # noqa: E402
@@ -181,10 +182,7 @@ def main(argv=None) -> int:
     resuming = check_output(args, cfg, ds_cfg, info.manifest)  # refusals before anything is started
     if cfg.init_checkpoint and not resuming:
         check_init_vocab(cfg.init_checkpoint, info.manifest)
-    # A process started without a launcher binds DeepSpeed's default port unless told otherwise;
-    # honouring MASTER_PORT lets several single-process runs share a machine.
-    deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
-    world, rank = dist.get_world_size(), dist.get_rank()
+    rank, world = init_distributed()
     glob, micro, accum = config_mod.resolve_batch(ds_cfg, world, args.config)
     output = Path(cfg.output)
     is_main = rank == 0

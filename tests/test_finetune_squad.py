@@ -188,6 +188,9 @@ def test_predict_only_counts_empty_context(tiny_checkpoint, tmp_path):
     assert metrics["predict_skips"]["empty context"] == {"count": 1, "examples": ["blank"]}
     assert metrics["total"] == 2 and metrics["missing"] == 0
     assert "train_steps" not in metrics
+    eff = json.loads((out / "config.effective.json").read_text())  # what ran, beside what it produced
+    assert eff["deepspeed"]["fp16"]["enabled"] is False and metrics["precision"] in ("fp32", "bf16")
+    assert eff["deepspeed"]["bf16"]["enabled"] is (metrics["precision"] == "bf16")
 
 
 def test_a_file_without_one_usable_question_is_a_named_error(tiny_checkpoint, tmp_path):
