@@ -2,8 +2,7 @@
 
 Deliberately independent of ``finetune/`` except for the metric (``finetune.evaluate``, tested
 against a transcription of the official rules): its own JSON flattening, the usual Hugging Face
-windowing (``stride`` = overlap between windows; padding per batch, as run_qa.py does with
-``--pad_to_max_length False``) and the usual
+windowing (padding per batch, as run_qa.py does with ``--pad_to_max_length False``) and the usual
 "best start+end over the top-n logits" postprocessing, without BERT's max-context rule.
 
     python bench/squad_reference.py --checkpoint DIR --train-file F --predict-file F --output OUT
@@ -40,7 +39,12 @@ def main(argv=None):
     ap.add_argument("--predict-file", required=True)
     ap.add_argument("--output", required=True)
     ap.add_argument("--max-seq-length", type=int, default=384)
-    ap.add_argument("--doc-stride", type=int, default=128, help="overlap between windows (HF meaning)")
+    ap.add_argument("--doc-stride", type=int, default=128,
+                    help="tokens between window starts (BERT's and finetune/squad.py's meaning); with "
+                         "--stride-meaning overlap, the overlap between windows (run_qa.py's)")
+    ap.add_argument("--stride-meaning", choices=("starts", "overlap"), default="starts",
+                    help="starts: the tokenizer's overlap is set per question length so windows start "
+                         "--doc-stride tokens apart, the windows finetune/squad.py makes")
     ap.add_argument("--n-best-size", type=int, default=20)
     ap.add_argument("--max-answer-length", type=int, default=30)
     ap.add_argument("--epochs", type=float, default=2.0)
@@ -68,10 +72,31 @@ def main(argv=None):
     train_rows = flatten(args.train_file, args.max_train_examples)
     dev_rows = flatten(args.predict_file, args.max_predict_examples)
 
+    n_special = tok.num_special_tokens_to_add(pair=True)
+
     def encode(batch):
-        return tok(batch["question"], batch["context"], truncation="only_second",
-                   max_length=args.max_seq_length, stride=args.doc_stride,
-                   return_overflowing_tokens=True, return_offsets_mapping=True)
+        """Windows of every question, as lists (with each window's sequence ids). The tokenizer's
+        ``stride`` is an overlap; for window starts ``--doc-stride`` apart it depends on the
+        question's length, so questions are encoded in groups of equal length."""
+        qs, cs = batch["question"], batch["context"]
+        if args.stride_meaning == "overlap":
+            groups = {args.doc_stride: list(range(len(qs)))}
+        else:
+            groups = {}
+            for i, ids in enumerate(tok(qs, add_special_tokens=False)["input_ids"]):
+                budget = args.max_seq_length - len(ids) - n_special
+                groups.setdefault(max(0, budget - args.doc_stride), []).append(i)
+        out: dict[str, list] = {}
+        for overlap, idx in groups.items():
+            enc = tok([qs[i] for i in idx], [cs[i] for i in idx], truncation="only_second",
+                      max_length=args.max_seq_length, stride=overlap,
+                      return_overflowing_tokens=True, return_offsets_mapping=True)
+            for r in range(len(enc["input_ids"])):
+                for k in enc.keys():
+                    v = enc[k][r]
+                    out.setdefault(k, []).append(idx[v] if k == "overflow_to_sample_mapping" else v)
+                out.setdefault("sequence_ids", []).append(enc.sequence_ids(r))
+        return out
 
     def train_features(batch):
         enc = encode(batch)
@@ -80,7 +105,7 @@ def main(argv=None):
             ex = enc["overflow_to_sample_mapping"][i]
             a0 = batch["starts"][ex][0]
             a1 = a0 + len(batch["answers"][ex][0])
-            seq = enc.sequence_ids(i)
+            seq = enc["sequence_ids"][i]
             c0, c1 = seq.index(1), len(seq) - 1 - seq[::-1].index(1)
             if not (offsets[c0][0] <= a0 and offsets[c1][1] >= a1):
                 enc["start_positions"].append(0)
@@ -96,17 +121,19 @@ def main(argv=None):
             enc["end_positions"].append(e + 1)
         enc.pop("offset_mapping")
         enc.pop("overflow_to_sample_mapping")
+        enc.pop("sequence_ids")
         return enc
 
     def eval_features(batch):
         enc = encode(batch)
         enc["example_id"] = []
         for i in range(len(enc["input_ids"])):
-            seq = enc.sequence_ids(i)
+            seq = enc["sequence_ids"][i]
             enc["example_id"].append(batch["id"][enc["overflow_to_sample_mapping"][i]])
             enc["offset_mapping"][i] = [o if seq[k] == 1 else None
                                         for k, o in enumerate(enc["offset_mapping"][i])]
         enc.pop("overflow_to_sample_mapping")
+        enc.pop("sequence_ids")
         return enc
 
     train_ds = Dataset.from_list(train_rows)
