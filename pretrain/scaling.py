@@ -102,13 +102,19 @@ def plan(args) -> list[RunSpec]:
                 steps = args.samples // batch
                 if steps < 1:
                     raise SystemExit(f"--samples {args.samples} is less than one step at batch {batch}")
-                lr = scale_lr(args.lr[opt], args.base_batch, batch, args.lr_rule) * mult
-                per_rank = batch // args.np
-                micro = min(args.micro_batch, per_rank)
-                while per_rank % micro:
-                    micro -= 1
-                specs.append(RunSpec(opt, batch, lr, mult, steps, micro))
+                specs.append(make_spec(args, opt, batch, mult))
     return specs
+
+
+def make_spec(args, opt: str, batch: int, mult: float, seed_offset: int = 0) -> RunSpec:
+    """A run at the scaled lr x ``mult``. Every step has at least two micro-batches in all
+    (accumulation or ranks), so the run measures its gradient noise scale."""
+    lr = scale_lr(args.lr[opt], args.base_batch, batch, args.lr_rule) * mult
+    per_rank = batch // args.np
+    micro = min(args.micro_batch, per_rank if args.np > 1 or per_rank < 2 else per_rank // 2)
+    while per_rank % micro:
+        micro -= 1
+    return RunSpec(opt, batch, lr, mult, args.samples // batch, micro, seed_offset)
 
 
 def run_priority(spec: RunSpec, specs: list[RunSpec], optimizers: list[str]) -> tuple:
@@ -420,6 +426,28 @@ def print_table(results: list[dict], target: float) -> None:
             print(f"{opt:10s} {row['batch']:6d} {row['lr']:9.2e} {steps:>16s} {rel:>26s}")
 
 
+def edge_specs(args, results: list[dict]) -> list[RunSpec]:
+    """One more lr, a factor beyond the edge, for each (optimizer, batch) whose best lr so far is
+    the highest or lowest tried (``--extend-edges``): so the best is not at the edge of the search."""
+    if not getattr(args, "extend_edges", False) or not results:
+        return []
+    mults = sorted(set(args.lr_multipliers))
+    if len(mults) < 2:
+        return []
+    step = mults[-1] / mults[-2]
+    out = []
+    for (opt, batch), r in best_per_batch(results, by="target").items():
+        if r["steps_to_target"] is None:
+            r = best_per_batch(results)[(opt, batch)]
+        tried = sorted({x["lr_multiplier"] for x in results if x["optimizer"] == opt and x["batch"] == batch
+                        and not x.get("seed_offset", 0)})
+        if len(tried) < 2 or r["lr_multiplier"] not in (tried[0], tried[-1]):
+            continue
+        new = tried[-1] * step if r["lr_multiplier"] == tried[-1] else tried[0] / step
+        out.append(make_spec(args, opt, batch, new))
+    return out
+
+
 def repeat_specs(args, results: list[dict]) -> list[RunSpec]:
     """More seeds of the best lr at the smallest and largest batch (``--repeat-best``)."""
     if args.repeat_best < 2 or not results:
@@ -436,7 +464,7 @@ def repeat_specs(args, results: list[dict]) -> list[RunSpec]:
             if r is None:
                 continue
             for k in range(1, args.repeat_best):
-                out.append(RunSpec(opt, b, r["lr"], r["lr_multiplier"], r["steps"], r["micro_batch"], seed_offset=k))
+                out.append(make_spec(args, opt, b, r["lr_multiplier"], seed_offset=k))
     return out
 
 
@@ -513,6 +541,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="optimizers whose lr is searched (--lr-multipliers) at every batch, not only at the ends")
     ap.add_argument("--ends-only", type=lambda s: [x for x in s.split(",") if x], default=[],
                     help="optimizers run at the smallest and largest batch only")
+    ap.add_argument("--extend-edges", action="store_true",
+                    help="after the grid, one more lr beyond the edge wherever the best lr is at an edge")
     ap.add_argument("--repeat-best", type=int, default=1, metavar="N",
                     help="runs per best lr at the smallest and largest batch (N-1 more seeds), for "
                          "the optimizers in --search-all: the noise between runs")
@@ -585,17 +615,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
             for future in [pool.submit(work, i, specs[i]) for i in order]:
                 future.result()
-    repeats = repeat_specs(args, [results[k] for k in sorted(results)])
-    if repeats:
+    for extra_phase in (edge_specs, repeat_specs):
+        extra = [x for x in extra_phase(args, [results[k] for k in sorted(results)])
+                 if x.name not in {sp.name for sp in specs}]
+        if not extra:
+            continue
         base = len(specs)
-        specs += repeats
+        specs += extra
         if args.summarize:
-            for i, spec in enumerate(repeats, start=base):
+            for i, spec in enumerate(extra, start=base):
                 if (args.output / spec.name / "result.json").is_file():
                     results[i] = run_one(spec, args, args.output)
         else:
             with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-                for future in [pool.submit(work, i, spec) for i, spec in enumerate(repeats, start=base)]:
+                for future in [pool.submit(work, i, spec) for i, spec in enumerate(extra, start=base)]:
                     future.result()
     results = [results[k] for k in sorted(results)]
     write_outputs(results, args.output, args.target_loss, unigram)

@@ -180,8 +180,9 @@ def test_repeats_take_the_best_lr_at_the_ends(tmp_path):
     results = [dict(fake_result("lamb", 64, 1e-3, [(1000, 4.0)]), lr_multiplier=1.0, steps=10, micro_batch=64),
                dict(fake_result("lamb", 64, 2e-3, [(1000, 4.4)]), lr_multiplier=2.0, steps=10, micro_batch=64),
                dict(fake_result("lamb", 1024, 4e-3, [(4096, 6.0)]), lr_multiplier=1.0, steps=4, micro_batch=64)]
+    args.np, args.micro_batch, args.samples = 1, 64, 8192
     reps = scaling.repeat_specs(args, results)
-    assert [(r.batch, r.lr, r.seed_offset) for r in reps] == [(64, 1e-3, 1), (1024, 4e-3, 1)]
+    assert [(r.batch, r.lr_multiplier, r.seed_offset) for r in reps] == [(64, 1.0, 1), (1024, 1.0, 1)]
     assert reps[0].name == "lamb_b64_lrx1_s1"
     # repeats are reported beside the best run, never chosen as the best themselves
     results.append(dict(fake_result("lamb", 64, 1e-3, [(900, 4.0)]), lr_multiplier=1.0, seed_offset=1))
@@ -218,3 +219,24 @@ def test_a_finished_run_keeps_only_small_files(tmp_path):
     assert not (run / "checkpoints").exists() and (run / "metrics.jsonl").is_file()
     lines = (run / "log.txt").read_text().splitlines()
     assert len(lines) == 201 and lines[-1] == "line 499"
+
+
+def test_an_lr_search_whose_best_is_at_an_edge_goes_one_step_further(tmp_path):
+    args = make_args(tmp_path)
+    args.extend_edges, args.np, args.micro_batch, args.samples = True, 1, 64, 8192
+    args.lr_multipliers = [1 / 3, 1.0, 3.0]
+    results = [dict(fake_result("lamb", 64, m, [(1000, loss)]), lr_multiplier=m)
+               for m, loss in ((1 / 3, 4.0), (1.0, 4.2), (3.0, 4.4))]  # the lowest lr is the best
+    results += [dict(fake_result("lamb", 256, m, [(4000, loss)]), lr_multiplier=m)
+                for m, loss in ((1 / 3, 4.6), (1.0, 4.0), (3.0, 4.7))]  # a best inside: nothing to add
+    extra = scaling.edge_specs(args, results)
+    assert [(x.batch, x.lr_multiplier) for x in extra] == [(64, pytest.approx(1 / 9))]
+
+
+def test_every_step_has_two_micro_batches_to_measure_the_noise_scale(tmp_path):
+    args = make_args(tmp_path)
+    args.np, args.micro_batch, args.samples = 1, 64, 8192
+    assert scaling.make_spec(args, "lamb", 32, 1.0).micro_batch == 16
+    assert scaling.make_spec(args, "lamb", 1024, 1.0).micro_batch == 64
+    args.np = 2  # two ranks are two micro-batches already
+    assert scaling.make_spec(args, "lamb", 32, 1.0).micro_batch == 16
