@@ -7,6 +7,8 @@ Stages (``--stages a,b,c,d``, run in the order given; each prints a table row an
 as it ends, also appended to OUT/gpu_check.jsonl, so a run cut off at its time limit still
 reports what it finished):
 
+(The default order is a, b, o, d, c: the long stage last, so a cut-off run still reports the rest.)
+
 a. LAMB (paper, nvidia, deepspeed) and LARS: ``impl="loop"`` against ``"foreach"`` against the
    default GPU path (``impl=None``), 20 fp32 steps on a random problem with the learning rate
    changing every step: largest relative difference of the weights (target <= 1e-6); the same in
@@ -21,6 +23,8 @@ c. ``pretrain/run.py`` through the DeepSpeed launcher: BERT-Large, seq 128, ZeRO
    losses against the uninterrupted run's, and the run-to-run noise before the signal for scale);
    fp16 with dynamic loss scaling (loss scale, skipped steps). Samples/s, tokens/s, MFU, peak
    memory from metrics.jsonl.
+o. ZeRO-Offload: LAMB stepping CPU partitions under ZeRO-2 with the GPU's NCCL group (the CPU
+   kernels' per-tensor sums must reach NCCL on the GPU), 3 steps.
 d. The same model, batch and precision in a bare PyTorch loop (batches in memory, autocast, our
    LAMB): the pipeline's samples/s against it (target >= 0.9x).
 
@@ -180,18 +184,26 @@ def bert_shapes(model: str):
     return [p.shape for p in m.parameters()]
 
 
+def bert_problem(args):
+    """(device, parameters, gradients) of the model's shapes, random, on the device."""
+    import torch
+
+    dev = torch.device(args.device)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    shapes = bert_shapes(args.model)
+    params = [(torch.randn(s, device=dev, generator=gen) * 0.02).requires_grad_(True) for s in shapes]
+    grads = [torch.randn(s, device=dev, generator=gen) * 1e-3 for s in shapes]
+    return dev, params, grads
+
+
 def stage_b(args, report) -> None:
     import torch
 
     import optim
 
     acc = accelerator()
-    dev = torch.device(args.device)
-    shapes = bert_shapes(args.model)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    params = [(torch.randn(s, device=dev, generator=gen) * 0.02).requires_grad_(True) for s in shapes]
+    dev, params, grads = bert_problem(args)
     n = sum(p.numel() for p in params)
-    grads = [torch.randn(s, device=dev, generator=gen) * 1e-3 for s in shapes]
 
     def groups():
         return [{"params": [p for p in params if p.dim() > 1], "weight_decay": 0.01},
@@ -247,6 +259,48 @@ def stage_b(args, report) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# o. ZeRO-Offload: the CPU kernels' partial sums reach the (NCCL) collective on the GPU
+# ---------------------------------------------------------------------------------------------
+
+OFFLOAD_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import optim
+from pretrain.distributed import init_distributed
+init_distributed()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8))
+cfg = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8, "steps_per_print": 10**9,
+       "optimizer": {"type": "Lamb", "params": {"lr": 1e-2, "variant": "nvidia"}},
+       "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+       "zero_force_ds_cpu_optimizer": False}
+if sys.argv[2] == "bf16":
+    cfg["bf16"] = {"enabled": True}
+engine, *_ = optim.initialize(model=model, config=cfg)
+x = torch.randn(8, 64, device=engine.device, dtype=next(engine.module.parameters()).dtype)
+losses = []
+for _ in range(3):
+    loss = engine(x).float().pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+    losses.append(loss.item())
+print("OFFLOAD_OK", losses, torch.distributed.get_backend())
+"""
+
+
+def stage_o(args, report) -> None:
+    prec = "bf16" if args.device != "cpu" else "fp32"
+    env = dict(os.environ, MASTER_PORT=str(args.port + 7), PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-c", OFFLOAD_SCRIPT, str(REPO), prec], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=REPO)
+    out = proc.stdout + proc.stderr
+    line = next((x for x in out.splitlines() if x.startswith("OFFLOAD_OK")), None)
+    ok = proc.returncode == 0 and line is not None
+    report("o.offload", ok, {"precision": prec, "result": line, **({} if ok else {"log_tail": out[-2500:]})},
+           line or f"failed (rc {proc.returncode}): {out.strip().splitlines()[-1] if out.strip() else ''}")
+
+
+# ---------------------------------------------------------------------------------------------
 # v. (not in the default stages) what the default GPU step is made of, and the loader's speed
 # ---------------------------------------------------------------------------------------------
 
@@ -257,11 +311,7 @@ def stage_v(args, report) -> None:
     from optim import _triton
 
     acc = accelerator()
-    dev = torch.device(args.device)
-    shapes = bert_shapes(args.model)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    params = [(torch.randn(s, device=dev, generator=gen) * 0.02).requires_grad_(True) for s in shapes]
-    grads = [torch.randn(s, device=dev, generator=gen) * 1e-3 for s in shapes]
+    dev, params, grads = bert_problem(args)
     groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": 0.01},
               {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
     defaults = (_triton.SPLIT_EVEN, _triton.HINTS, _triton.NUM_WARPS)
@@ -608,7 +658,7 @@ def main() -> int:
     ap.add_argument("--python-version", default="3.12", help="--prepare: the target interpreter's version")
     ap.add_argument("--data", type=Path, help="a data_prep output holding seq128/ (default: built by --prepare)")
     ap.add_argument("--out", type=Path, default=Path("gpu_check_out"))
-    ap.add_argument("--stages", default="a,b,c,d")
+    ap.add_argument("--stages", default="a,b,o,d,c")
     ap.add_argument("--model", default=None, help="preset for stages b-d (default large; bert-tiny with --smoke)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps of the bf16 runs (default 24)")
     ap.add_argument("--fp16-steps", type=int, default=None, help="optimizer steps of the fp16 run (default 16)")
@@ -657,7 +707,7 @@ def main() -> int:
                          "triton": _version("triton"), "smoke": smoke, "model": args.model,
                          "micro": args.micro, "accum": args.accum, "steps": args.steps},
            f"{state['device_name']}, torch {torch.__version__}, triton {_version('triton')}")
-    stages = {"a": stage_a, "b": stage_b, "v": stage_v, "c": lambda a, r: stage_c(a, r, state), "d": lambda a, r: stage_d(a, r, state)}
+    stages = {"a": stage_a, "b": stage_b, "o": stage_o, "v": stage_v, "c": lambda a, r: stage_c(a, r, state), "d": lambda a, r: stage_d(a, r, state)}
     failed = False
 
     def too_long(_signum, _frame):
