@@ -293,6 +293,25 @@ if triton is not None:
 # launchers: same signatures and results as the C and foreach passes
 # ---------------------------------------------------------------------------------------------
 
+class PartialLaunchError(RuntimeError):
+    """A kernel failed after an earlier launch of the same pass had run: part of the tensors are
+    updated, so redoing the pass with another implementation would apply it twice. Not a case
+    for the fallback: the step is lost, and the run must stop."""
+
+
+def _launch_all(launches, launch) -> None:
+    """Run ``launch(grid, first, even)`` for each launch of a plan; a failure after the first
+    launch is a :class:`PartialLaunchError` (the first one failing leaves everything untouched)."""
+    for i, (grid, first, even) in enumerate(launches):
+        try:
+            launch(grid, first, even)
+        except Exception as exc:  # noqa: BLE001
+            if i == 0:
+                raise
+            raise PartialLaunchError(f"Triton kernel failed after part of the pass ran ({type(exc).__name__}: "
+                                     f"{exc}); the optimizer state is inconsistent") from exc
+
+
 def _tables(plan: Plan, *lists):
     """Address tables of the tensor lists, and whether all of them are 16-byte aligned."""
     entries = [plan.table_aligned(x) for x in lists]
@@ -309,13 +328,12 @@ def lamb_pass1(b, ws, gs, ms, vs, hp: dict, gscale: Optional[torch.Tensor], scra
     sums = torch.empty(2, plan.nblk, dtype=torch.float32, device=ws[0].device)
     (w_t, g_t, m_t, v_t), aligned = _tables(plan, ws, gs, ms, vs)
     gs_arg = gscale.to(torch.float32).reshape(1) if gscale is not None else sums
-    for grid, first, even in plan.launches():
-        lamb_pass1_kernel[(grid,)](
-            w_t, g_t, m_t, v_t, plan.tensor, plan.offset, plan.length, sums, plan.nblk, first, gs_arg,
-            hp["beta1"], hp["beta2"], 1.0 - hp["beta1"], 1.0 - hp["beta2"], hp["inv_bc1"], hp["inv_bc2"], hp["eps"],
-            hp["wd"], DT=_DTYPES[dtype], HAS_GSCALE=gscale is not None, STORE_U=scratch is not None,
-            EPS_INSIDE=bool(hp["eps_inside"]), EVEN=even, HINT=even and aligned and HINTS, BLOCK_=BLOCK,
-            num_warps=NUM_WARPS)
+    _launch_all(plan.launches(), lambda grid, first, even: lamb_pass1_kernel[(grid,)](
+        w_t, g_t, m_t, v_t, plan.tensor, plan.offset, plan.length, sums, plan.nblk, first, gs_arg,
+        hp["beta1"], hp["beta2"], 1.0 - hp["beta1"], 1.0 - hp["beta2"], hp["inv_bc1"], hp["inv_bc2"], hp["eps"],
+        hp["wd"], DT=_DTYPES[dtype], HAS_GSCALE=gscale is not None, STORE_U=scratch is not None,
+        EPS_INSIDE=bool(hp["eps_inside"]), EVEN=even, HINT=even and aligned and HINTS, BLOCK_=BLOCK,
+        num_warps=NUM_WARPS))
     return (sums, plan.key), (hp, scratch)
 
 
@@ -325,12 +343,11 @@ def lamb_pass2(b, ws, ms, vs, pass1_out, scaled: torch.Tensor) -> None:
     plan = plan_of(b)
     (w_t, m_t, v_t, u_t), aligned = _tables(plan, ws, ms, vs, us if us is not None else ws)
     scale = scaled.to(ws[0].device, torch.float32)
-    for grid, first, even in plan.launches():
-        lamb_pass2_kernel[(grid,)](
-            w_t, u_t, m_t, v_t, plan.tensor, plan.offset, plan.length, plan.key, first, scale, hp["inv_bc1"],
-            hp["inv_bc2"], hp["eps"], hp["wd"], DT=_DTYPES[ws[0].dtype], RECOMPUTE=us is None,
-            EPS_INSIDE=bool(hp["eps_inside"]), EVEN=even, HINT=even and aligned and HINTS, BLOCK_=BLOCK,
-            num_warps=NUM_WARPS)
+    _launch_all(plan.launches(), lambda grid, first, even: lamb_pass2_kernel[(grid,)](
+        w_t, u_t, m_t, v_t, plan.tensor, plan.offset, plan.length, plan.key, first, scale, hp["inv_bc1"],
+        hp["inv_bc2"], hp["eps"], hp["wd"], DT=_DTYPES[ws[0].dtype], RECOMPUTE=us is None,
+        EPS_INSIDE=bool(hp["eps_inside"]), EVEN=even, HINT=even and aligned and HINTS, BLOCK_=BLOCK,
+        num_warps=NUM_WARPS))
 
 
 def sumsq2(b, xs, ys):
@@ -341,7 +358,7 @@ def sumsq2(b, xs, ys):
     _check(ys, dtype)
     sums = torch.empty(2, plan.nblk, dtype=torch.float32, device=xs[0].device)
     (x_t, y_t), aligned = _tables(plan, xs, ys)
-    for grid, first, even in plan.launches():
+    for grid, first, even in plan.launches():  # reads only: a failure part way leaves nothing changed
         sumsq2_kernel[(grid,)](x_t, y_t, plan.tensor, plan.offset, plan.length, sums, plan.nblk, first,
                                DT=_DTYPES[dtype], EVEN=even, HINT=even and aligned and HINTS, BLOCK_=BLOCK,
                                num_warps=NUM_WARPS)
@@ -354,7 +371,6 @@ def lars_apply(b, ws, gs, bufs, rate: torch.Tensor, momentum: float, wd: float, 
     _check(gs, ws[0].dtype)
     (w_t, g_t, b_t), aligned = _tables(plan, ws, gs, bufs)
     rate = rate.to(ws[0].device, torch.float32)
-    for grid, first, even in plan.launches():
-        lars_apply_kernel[(grid,)](w_t, g_t, b_t, plan.tensor, plan.offset, plan.length, plan.key, first, rate,
-                                   momentum, wd, lr, DT=_DTYPES[ws[0].dtype], EVEN=even,
-                                   HINT=even and aligned and HINTS, BLOCK_=BLOCK, num_warps=NUM_WARPS)
+    _launch_all(plan.launches(), lambda grid, first, even: lars_apply_kernel[(grid,)](
+        w_t, g_t, b_t, plan.tensor, plan.offset, plan.length, plan.key, first, rate, momentum, wd, lr,
+        DT=_DTYPES[ws[0].dtype], EVEN=even, HINT=even and aligned and HINTS, BLOCK_=BLOCK, num_warps=NUM_WARPS))

@@ -155,6 +155,8 @@ class Lamb(LayerwiseOptimizer):
             if impl == "triton":
                 try:
                     sums, extra = _triton().lamb_pass1(b, ws, gs, ms, vs, hp, gscale, scratch)
+                except _triton().PartialLaunchError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - e.g. compilation: nothing was written yet
                     self._fast_path_failed("triton", exc)
                     impl = "foreach"
@@ -182,6 +184,8 @@ class Lamb(LayerwiseOptimizer):
                 try:
                     _triton().lamb_pass2(b, ws, ms, vs, extra, scaled)
                     continue
+                except _triton().PartialLaunchError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - finish this step with foreach
                     self._fast_path_failed("triton", exc)
                     hp_, us = extra

@@ -4,13 +4,14 @@ arXiv 1708.03888): momentum SGD whose step for each tensor is scaled by a local 
     rate = η·‖w‖ / (‖g‖ + λ‖w‖ + eps)       (1 when ‖w‖ or ‖g‖ is 0)
     buf ← μ·buf + rate·(g + λw);  w ← w − lr·buf
 
-Adaptation is a per-group switch, ``adapt`` (default True), independent of weight decay: a group
-with ``adapt=False`` takes rate = η, i.e. momentum SGD at ``lr·η`` (the step an adapted tensor
-takes when ‖w‖ = ‖g‖; with the LARS learning rates of the BERT comparisons, lr ≈ 1, that is SGD at
-1e-3). ``optim.param_groups`` puts biases and normalisation weights in such a group, as the LARS
-paper and its TPU implementation exclude them from both decay and adaptation; plain
-``Lars(model.parameters(), lr)`` adapts every tensor. This is the baseline the LAMB paper
-compares against on BERT.
+Adaptation is a per-group switch, ``adapt`` (default True), independent of weight decay: plain
+``Lars(model.parameters(), lr)`` adapts every tensor. ``optim.param_groups`` puts biases and
+normalisation weights in a group with ``adapt=False``, excluded from decay and adaptation as in
+the LARS paper's and TensorFlow's TPU implementation. Those take rate = η here, i.e. momentum SGD
+at ``lr·η`` (the step an adapted tensor takes when ‖w‖ = ‖g‖), where TensorFlow's takes the full
+``lr``: at the LARS learning rates of the BERT comparisons (1 to 6), plain momentum SGD at the full
+rate sends those tensors off (the first scaling miniature ran them at 5.66). This is the baseline
+the LAMB paper compares against on BERT.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ class Lars(LayerwiseOptimizer):
             if impl == "triton":
                 try:
                     sums = _triton().sumsq2(b, ws, gs)
+                except _triton().PartialLaunchError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - e.g. compilation: nothing was written
                     self._fast_path_failed("triton", exc)
                     impl = "foreach"
@@ -75,6 +78,8 @@ class Lars(LayerwiseOptimizer):
                 try:
                     _triton().lars_apply(b, ws, gs, bufs, rate, mom, wd, lr)
                     continue
+                except _triton().PartialLaunchError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - finish this step with foreach
                     self._fast_path_failed("triton", exc)
                     impl = "foreach"

@@ -51,11 +51,30 @@ def step_of(tag: str) -> Optional[int]:
     return None
 
 
+def _legacy_complete(tag_dir: Path) -> bool:
+    """A checkpoint of a version before complete.json: the ``latest`` file, replaced only after
+    every rank had written, names it or a newer checkpoint of that era."""
+    latest_file = tag_dir.parent / "latest"
+    try:
+        latest = latest_file.read_text().strip()
+    except OSError:
+        return False
+    return (step_of(latest) is not None and (tag_dir.parent / latest).is_dir()
+            and not (tag_dir.parent / latest / MARKER).is_file() and tag_dir.name <= latest
+            and any(tag_dir.glob("*model_states.pt")))
+
+
+def unfinished(tag_dir: Path) -> bool:
+    """A save that never completed (no complete.json, and not a complete checkpoint of an older
+    version): nothing in it can be trusted, and the next save removes it."""
+    return not (tag_dir / MARKER).is_file() and not _legacy_complete(tag_dir)
+
+
 def check_complete(tag_dir: Path) -> Optional[str]:
     """None when ``tag_dir`` is a complete checkpoint, else why it is not."""
     marker = tag_dir / MARKER
     if not marker.is_file():
-        return f"{tag_dir.name} is unfinished (no {MARKER})"
+        return None if _legacy_complete(tag_dir) else f"{tag_dir.name} is unfinished (no {MARKER})"
     try:
         sizes = json.loads(marker.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -150,6 +169,8 @@ def save(engine, output: Path, step: int, client_state: dict, model_config_json:
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     rank = dist.get_rank()
+    if tag_dir.is_dir() and check_complete(tag_dir) is None:
+        return tag_dir  # this step is saved already (a run resumed here and stopped again)
     if rank == 0 and tag_dir.is_dir():  # an unfinished save of this step from a run that died
         shutil.rmtree(tag_dir)
     dist.barrier()
@@ -173,13 +194,13 @@ def save(engine, output: Path, step: int, client_state: dict, model_config_json:
 
 def prune(ckpt_dir: Path, keep: int) -> None:
     """Keep the newest ``keep`` complete checkpoints; remove older complete ones and unfinished
-    saves newer than the newest complete one. Anything else is left alone."""
+    saves. A checkpoint with complete.json whose files no longer match it (truncated later, by a
+    full disk or by hand) is left alone: that is for a person to look at."""
     complete = complete_tags(ckpt_dir)
     if not complete:
         return
     doomed = complete[:-keep] if keep > 0 else []
-    newest = step_of(complete[-1])
-    doomed += [t for t in checkpoint_dirs(ckpt_dir) if t not in complete and step_of(t) > newest]
+    doomed += [t for t in checkpoint_dirs(ckpt_dir) if t not in complete and unfinished(ckpt_dir / t)]
     for t in doomed:
         shutil.rmtree(ckpt_dir / t, ignore_errors=True)
 
@@ -191,26 +212,36 @@ def load_resume(engine, output: Path, announce: bool = True) -> Optional[dict]:
 
     ckpt_dir = output / "checkpoints"
     say = (lambda m: print(f"resume: skipping {m}", file=sys.stderr, flush=True)) if announce else None
+    rank = dist.get_rank()
     for tag in reversed(complete_tags(ckpt_dir, say)):
-        client, why = None, None
-        try:
-            _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-            if client is None:
-                why = "DeepSpeed found no state in it"
-        except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint: try the one before
-            why = f"it does not load ({type(exc).__name__}: {str(exc)[:200]})"
-        # Every rank must resume from the same checkpoint: one that failed anywhere is skipped.
+        # Each rank opens its own files first (memory-mapped: cheap); every rank must agree before
+        # DeepSpeed's load, which runs collectives a failing rank would leave the others waiting in.
+        why = _unreadable(ckpt_dir / tag, rank)
         failed = torch.tensor([0.0 if why is None else 1.0], device=engine.device)
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if failed.item() > 0:
             if say:
-                say(f"{tag}: {why or 'it does not load on another rank'}")
+                say(f"{tag}: {why or 'a file of another rank does not open'}")
             continue
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if client is None:
+            raise RuntimeError(f"{ckpt_dir / tag}: DeepSpeed found no state in it")
         rng = ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt"
         if rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))
         client["_tag"] = tag
         return client
+    return None
+
+
+def _unreadable(tag_dir: Path, rank: int) -> Optional[str]:
+    """None when this rank's files of the checkpoint open, else why not."""
+    mine = sorted(tag_dir.glob("mp_rank_*_model_states.pt")) + sorted(tag_dir.glob(f"*zero_pp_rank_{rank}_*"))
+    for f in mine:
+        try:
+            torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as exc:  # noqa: BLE001
+            return f"{f.name} does not open ({type(exc).__name__}: {str(exc)[:150]})"
     return None
 
 

@@ -12,6 +12,7 @@ position to resume from.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -80,10 +81,13 @@ def heldout_shards(info: DataInfo, cfg: PretrainConfig) -> tuple[list[int], bool
 def datasets(info: DataInfo, cfg: PretrainConfig) -> tuple[PretrainingDataset, Optional[PretrainingDataset]]:
     n = info.manifest["num_shards"]
     held, by_document = heldout_shards(info, cfg)
-    if held and not by_document:
+    talk = os.environ.get("RANK", "0") == "0"
+    if held and not by_document and talk:
         print(f"pretrain: {info.path} has no document split (built before data_prep split by document): its last "
               f"{len(held)} shard(s) are held out, but their documents also feed training samples; rebuild for a "
               "clean held-out loss", flush=True)
+    if not held and cfg.validation_shards and talk:
+        print(f"pretrain: {info.path} was built with --heldout-shards 0: no held-out evaluation", flush=True)
     train = PretrainingDataset(info.path, seed=cfg.seed, max_predictions=cfg.max_predictions,
                                shards=[k for k in range(n) if k not in held])
     val = None

@@ -79,7 +79,8 @@ def predict(run_dir: Path, batch_sizes: list[int], target: Optional[float] = Non
     records, b_run = read_run(Path(run_dir))
     (which, losses), noise = loss_curve(records, key), noise_curve(records)
     if not losses:
-        raise ValueError(f"{run_dir}: no training loss in metrics.jsonl")
+        what = "held-out loss (eval_mlm_loss)" if which == "eval_mlm_loss" else "training loss"
+        raise ValueError(f"{run_dir}: no {what} in metrics.jsonl")
     if not noise:
         raise ValueError(f"{run_dir}: no gradient noise scale in metrics.jsonl (pretrain.gns_every was 0, or "
                          "the run had one micro-batch per step)")

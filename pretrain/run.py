@@ -82,12 +82,14 @@ def check_output(args, cfg, ds_cfg: dict, manifest: dict) -> bool:
         raise config_mod.ConfigError(f"{cfg.output} already holds checkpoints (latest {existing or 'none complete'}; "
                                      f"{len(present)} checkpoint dirs); pass --resume to continue that run, or choose "
                                      "another --output")
-    if args.resume and present and existing is None:
+    if args.resume and present and existing is None \
+            and not all(checkpoint.unfinished(ckpt_dir / t) for t in present):
         raise config_mod.ConfigError(f"--resume: no complete checkpoint among {', '.join(present)} in {ckpt_dir} "
                                      "(each is unfinished or has missing or truncated files); move them away to start over")
     if args.resume and existing is None:
         if os.environ.get("RANK", "0") == "0":
-            print(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
+            what = f"only unfinished saves ({', '.join(present)}: removed by the first save)" if present else "no checkpoint"
+            print(f"--resume: {what} in {ckpt_dir}; starting from step 0", flush=True)
         return False
     if existing is not None and "train_batch_size" in ds_cfg:
         old = checkpoint.read_marker(ckpt_dir / existing).get("fingerprint") or {}
@@ -316,8 +318,9 @@ class TrainingRun:
                     engine.step()
                     self.acct.micro_batch(out, batch)
                 p["samples"] += self.glob
+                # --stop-after N: requested so that the stop lands after step N, lag included
                 requested = self.stop.poll() or (self.args.stop_after is not None
-                                                 and p["step"] + 1 >= self.args.stop_after)
+                                                 and p["step"] + 1 + self.acct.lag >= self.args.stop_after)
                 outcome = self.acct.end_step(requested)
                 self.gns.end_step(outcome.applied)
                 if outcome.applied:
@@ -337,6 +340,9 @@ class TrainingRun:
                     self.evaluate()
                 if stopping or outcome.applied and (cfg.checkpoint_every and step % cfg.checkpoint_every == 0
                                                     or step == cfg.max_steps):
+                    # Every step's flags read first: a checkpoint of diverged weights would be
+                    # marked complete and could prune the good ones (one sync per checkpoint).
+                    stopping |= self.acct.flush()
                     self.save()
                     last_saved = step
                 if stopping:

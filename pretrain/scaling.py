@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Optional
 
 from optim.schedules import scale_lr
+from pretrain.checkpoint import checkpoint_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,8 +165,8 @@ def run_one(spec: RunSpec, args, out: Path, slot: int = 0) -> dict:
             "--max-steps", str(spec.steps), "--seed", str(args.seed + spec.seed_offset)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
-    if (run_dir / "checkpoints" / "latest").is_file():
-        cmd.append("--resume")
+    if checkpoint_dirs(run_dir / "checkpoints"):
+        cmd.append("--resume")  # a complete checkpoint resumes; unfinished saves only: from step 0
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(REPO), MASTER_PORT=str(port))
     if getattr(args, "parallel", 1) > 1:

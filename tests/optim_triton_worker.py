@@ -139,6 +139,32 @@ def main() -> None:
                                         "failed": sorted(opt._failed)}
         finally:
             setattr(_triton, where, original)
+    # A failure after part of a pass ran must not fall back (the redo would apply it twice).
+    kernel = _triton.lamb_pass1_kernel
+
+    class FailsSecondLaunch:
+        calls = 0
+
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                FailsSecondLaunch.calls += 1
+                if FailsSecondLaunch.calls == 2:
+                    raise RuntimeError("second variant does not compile")
+                return kernel[grid](*a, **k)
+            return launch
+
+    _triton.lamb_pass1_kernel = FailsSecondLaunch()
+    try:
+        w = torch.randn(5000)  # > one block: an even launch and a masked one
+        w.grad = torch.randn(5000)
+        opt = optim.Lamb([w], lr=0.01, impl="triton")
+        try:
+            opt.step()
+            results["partial_launch"] = "no error"
+        except _triton.PartialLaunchError as exc:
+            results["partial_launch"] = f"raised: {exc}"[:200]
+    finally:
+        _triton.lamb_pass1_kernel = kernel
     print(json.dumps(results))
 
 

@@ -102,3 +102,8 @@ def test_triton_without_a_backend_warns_and_steps_with_foreach():
         out[impl] = (w.detach(), [str(c.message) for c in caught])
     assert torch.allclose(out["triton"][0], out["loop"][0], rtol=1e-6, atol=0)
     assert any("Triton kernels unavailable" in m and "TRITON_INTERPRET" in m for m in out["triton"][1])
+
+
+def test_a_kernel_failing_after_part_of_the_pass_ran_stops_instead_of_redoing_it(results):
+    """The fallback redoes a whole pass; after a partial launch that would apply part twice."""
+    assert results["partial_launch"].startswith("raised: Triton kernel failed after part of the pass ran")

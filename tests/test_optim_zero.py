@@ -30,9 +30,9 @@ LAMB_DS = {"type": "Lamb", "params": {"lr": 0.02, "weight_decay": 0.01, "variant
 LARS = {"type": "Lars", "params": {"lr": 0.5, "weight_decay": 0.01, "trust_coefficient": 0.01}}
 RUNS = [
     ["lamb_zero1", "zero1", LAMB], ["lamb_zero2", "zero2", LAMB], ["lamb_naive_zero2", "naive_zero2", LAMB],
-    ["lamb_bf16_zero0", "bf16_zero0", LAMB], ["lamb_bf16_zero1", "bf16_zero1", LAMB],
+    ["lamb_bf16_zero0", "bf16_zero0", LAMB],
     ["lamb_bf16_zero2", "bf16_zero2", LAMB], ["lamb_accum_zero2", "accum_zero2", LAMB],
-    ["lamb_accum_bf16_zero1", "accum_bf16_zero1", LAMB], ["lamb_accum_bf16_zero2", "accum_bf16_zero2", LAMB],
+    ["lamb_accum_bf16_zero1", "accum_bf16_zero1", LAMB],
     ["lamb_accum_offload_zero2", "accum_offload_zero2", LAMB], ["lamb_zero3", "zero3", LAMB],
     ["lamb_resume_zero2", "resume_zero2", LAMB], ["lambds_zero2", "zero2", LAMB_DS], ["lars_zero2", "zero2", LARS], ["lars_naive_zero2", "naive_zero2", LARS],
 ]
@@ -109,8 +109,9 @@ def max_ratio_rel(ratios: dict, ref_ratios: dict) -> float:
     return max(abs(ratios[k] - r) / r for k, r in ref_ratios.items())
 
 
-@pytest.mark.parametrize("tag", ["lamb_bf16_zero0", "lamb_bf16_zero1", "lamb_bf16_zero2", "lamb_accum_bf16_zero1",
-                                 "lamb_accum_bf16_zero2"])
+# bf16 runs are slow on CPUs without bf16 instructions: one of each wrapper (the unfused optimizer
+# without ZeRO, ZeRO-2, ZeRO-1's persistent fp32 gradient buffer with accumulation).
+@pytest.mark.parametrize("tag", ["lamb_bf16_zero0", "lamb_bf16_zero2", "lamb_accum_bf16_zero1"])
 def test_zero_bf16_follows_fp32_trajectory(runs, tag):
     """bf16 weights differ from fp32 by rounding (2^-8 relative), so compare the whole model
     and the exact per-tensor trust ratios."""

@@ -2,8 +2,9 @@
 
 Each case starts phase 1 on 2 CPU ranks (bert-tiny, a DataLoader worker per rank), waits until
 training is under way, and delivers one signal the way a user, a scheduler or a launcher would:
-to the ``deepspeed`` runner or ``mpiexec`` alone (they exit at once and leave the ranks running),
-to DeepSpeed's ``launch.py`` (SIGUSR1, which it does not handle), to the ranks alone (Slurm's
+to the ``deepspeed`` runner alone (it exits at once and leaves the ranks running; the ranks'
+watch of the launchers above them covers ``launch.py`` and ``mpiexec`` dying the same way), to
+the ranks alone (Slurm's
 ``--signal=USR1``), or to the whole process group (``kill -TERM -PGID``). Each must end in a
 complete checkpoint at the step reached and every process gone within DeepSpeed's 30 s grace
 period. Ctrl-C (SIGINT to the group) is the ``phase1`` fixture's own stop, checked here too; its
@@ -22,7 +23,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 CASES = [
     ("deepspeed", "runner", signal.SIGTERM),  # the runner alone exits at once; ranks must notice
-    ("deepspeed", "launch", signal.SIGUSR1),  # launch.py dies of SIGUSR1 (no handler)
     ("deepspeed", "ranks", signal.SIGUSR1),   # Slurm --signal=USR1@T to the job steps
     ("mpi", "group", signal.SIGTERM),         # kill -TERM -PGID of an mpiexec job
 ]

@@ -132,3 +132,34 @@ def test_metrics_log_drops_records_a_resumed_run_repeats(tmp_path):
     MetricsLogger(tmp_path, enabled=True, tensorboard=False, start_step=2)  # resume from step 2
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+class _PhaseOneEngine:
+    """Stands in for a DeepSpeed engine whose load_checkpoint restores phase 1's LAMB state (as
+    ZeRO's load does) and phase 1's param-group settings (lr 0 at the end of its decay)."""
+
+    def __init__(self):
+        import optim
+
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.basic_optimizer = optim.Lamb([self.w], lr=4e-3)
+        self.optimizer = self.basic_optimizer
+        self.global_steps = self.global_samples = self.skipped_steps = 7
+
+    def load_checkpoint(self, path, tag, load_optimizer_states, load_lr_scheduler_states):
+        assert load_optimizer_states and not load_lr_scheduler_states
+        self.optimizer.state[self.w] = {"step": 6, "exp_avg": torch.full((3,), 0.5), "exp_avg_sq": torch.full((3,), 0.25)}
+        self.optimizer.param_groups[0]["lr"] = 0.0
+
+
+@pytest.mark.parametrize("mode,step", [("keep", 0), ("keep_step", 6)])
+def test_phase2_keeps_the_moments_and_restarts_or_keeps_the_step_count(tmp_path, mode, step):
+    from pretrain.checkpoint import restore_phase1_optimizer
+
+    engine = _PhaseOneEngine()
+    restore_phase1_optimizer(engine, tmp_path, "step0000006", mode)
+    state = engine.optimizer.state[engine.w]
+    assert state["step"] == step  # keep: bias correction from t = 1 again, as NVIDIA's phase 2
+    assert torch.equal(state["exp_avg"], torch.full((3,), 0.5))  # the moments are phase 1's either way
+    assert engine.optimizer.param_groups[0]["lr"] == 4e-3  # phase 2's own lr, not phase 1's last
+    assert engine.global_steps == engine.global_samples == engine.skipped_steps == 0
