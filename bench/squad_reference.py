@@ -191,8 +191,10 @@ def main(argv=None):
         "args": vars(args)})
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "predictions.json").write_text(json.dumps(predictions, indent=1))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    from data_prep.atomic import write_json  # the bench reads metrics.json as "this run finished"
+
+    write_json(out / "predictions.json", predictions)
+    write_json(out / "metrics.json", metrics)
     print(json.dumps({k: metrics[k] for k in ("exact_match", "f1")}))
 
 

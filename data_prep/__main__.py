@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .atomic import write_json
 from .readers import FORMATS, DataPrepError
 
 
@@ -166,7 +167,7 @@ def _vocab(a) -> int:
         print(f"data_prep: vocab has {v.size:,} tokens, more than --vocab-size {a.vocab_size:,}: WordPiece keeps "
               f"every character of the corpus's alphabet (up to 1,000) as a token besides the word pieces, "
               "so a size below the alphabet's gives no whole-word tokens; raise --vocab-size", file=sys.stderr)
-    stamp_file.write_text(json.dumps(stamp, indent=1) + "\n")
+    write_json(stamp_file, stamp)
     print(describe(v))
     return 0
 

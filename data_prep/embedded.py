@@ -12,6 +12,8 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+from .atomic import write_text
+
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
 
 
@@ -71,18 +73,16 @@ def write_corpus(out_dir: str | os.PathLike, max_bytes: int = 4_000_000) -> Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / "stdlib_docs.txt"
-    tmp = target.with_name(target.name + ".tmp")
-    size = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for doc in [*_topic_documents(), *_docstring_documents()]:
-            text = "\n".join(doc) + "\n\n"
-            n = len(text.encode())
-            if size + n > max_bytes:
-                break
-            f.write(text)
-            size += n
-    if target.is_file() and target.read_bytes() == tmp.read_bytes():
-        tmp.unlink()  # unchanged: keep the file's mtime, so a later build sees nothing new to do
-    else:
-        os.replace(tmp, target)
+    parts, size = [], 0
+    for doc in [*_topic_documents(), *_docstring_documents()]:
+        text = "\n".join(doc) + "\n\n"
+        n = len(text.encode())
+        if size + n > max_bytes:
+            break
+        parts.append(text)
+        size += n
+    corpus = "".join(parts)
+    # unchanged: keep the file's mtime, so a later build sees nothing new to do
+    if not (target.is_file() and target.read_text(encoding="utf-8") == corpus):
+        write_text(target, corpus)
     return target

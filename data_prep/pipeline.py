@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import shardio
+from . import atomic, shardio
 from .config import BuildConfig
 from .readers import DataPrepError, ReadStats, Unit, discover, iter_documents
 from .samples import MaskSpec, PairOptions, default_max_predictions, document_pairs, mask_sample
@@ -62,8 +62,8 @@ class _Appender:
 
     def __init__(self, final: Path, dtypes: dict[str, np.dtype]):
         self.final = final
-        self.tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp = atomic.temp_path(final)
+        atomic.discard(self.tmp)
         self.tmp.mkdir(parents=True)
         self.dtypes = dtypes
         self.buf: dict[str, list] = {k: [] for k in dtypes}
@@ -89,7 +89,7 @@ class _Appender:
         for f in self.files.values():
             f.close()
         (self.tmp / "meta.json").write_text(json.dumps(meta, sort_keys=True))
-        os.replace(self.tmp, self.final)
+        atomic.commit(self.tmp, self.final)
 
 
 def _load_raw(d: Path, name: str, dtype) -> np.ndarray:
@@ -446,6 +446,8 @@ def _write_shards(seq_dir: Path, pair_dirs: list[Path], cfg: BuildConfig, dtype,
                             "would be empty; give more text or fewer shards" +
                             (" (or --heldout-shards 0)" if what else ""))
     width = max(5, len(str(K - 1)))
+    for leftover in seq_dir.glob(".shard_*.tmp*"):  # shards a killed run left unfinished
+        atomic.discard(leftover)
     writers = []
     for k in range(K):
         specs = {"tokens": (dtype, n_tokens[k]), "offsets": (np.int64, n_samples[k] + 1),
@@ -533,7 +535,7 @@ def _write_shards(seq_dir: Path, pair_dirs: list[Path], cfg: BuildConfig, dtype,
                            "sha256": digest})
     except BaseException:  # Ctrl-C or an error: no half-written shard stays behind
         for w in writers:
-            w.tmp.unlink(missing_ok=True)
+            w.discard()
         raise
     return shards
 
@@ -764,9 +766,7 @@ def build(cfg: BuildConfig) -> dict[int, dict]:
             manifest["note"] = ("masks are drawn at load time from an RNG seeded by (seed, epoch, index); "
                                 "num_masked_positions is per epoch" + (" (at most, with whole-word masking)"
                                                                        if cfg.whole_word_mask else ""))
-        tmp = d / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, d / "manifest.json")
+        atomic.write_json(d / "manifest.json", manifest, sort_keys=True)
         manifests[L] = manifest
         print(f"data_prep: seq{L}: {counts['samples']:,} samples, {counts['tokens']:,} tokens in {cfg.shards} shards "
               f"({time.perf_counter() - t2:.1f} s to write) -> {d}", file=sys.stderr)

@@ -16,6 +16,8 @@ from typing import Mapping
 
 import numpy as np
 
+from . import atomic
+
 MAGIC = b"BERTSHD1"
 ALIGN = 64
 
@@ -53,12 +55,13 @@ def total_size(arrays: dict) -> int:
 class ShardWriter:
     """Pre-sizes a shard file and fills its arrays piece by piece (appends per array).
 
-    Writes go to ``path + '.tmp'``; ``close()`` fsyncs and renames, so a shard is complete or absent.
+    Writes go to a temporary beside ``path`` (``atomic.temp_path``); ``close()`` fsyncs and renames it,
+    so a shard is complete or absent; ``discard()`` drops an unfinished one.
     """
 
     def __init__(self, path: str | os.PathLike, specs: Mapping[str, tuple[np.dtype, int]], meta: dict | None = None):
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.tmp = atomic.temp_path(self.path)
         header, self.arrays = layout(specs, meta)
         self.cursor = {name: 0 for name in self.arrays}
         with open(self.tmp, "wb") as f:
@@ -86,13 +89,14 @@ class ShardWriter:
             if self.cursor[name] != spec["length"]:
                 raise ValueError(f"{self.tmp}: array {name!r} has {self.cursor[name]} of {spec['length']} values")
         digest = hashlib.sha256()
-        with open(self.tmp, "rb+") as f:
+        with open(self.tmp, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
+        atomic.commit(self.tmp, self.path, durable=True)
         return digest.hexdigest()
+
+    def discard(self) -> None:
+        atomic.discard(self.tmp)
 
 
 def write_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta: dict | None = None) -> str:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from .atomic import atomic_path
 from .readers import DataPrepError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -103,7 +103,6 @@ def train_vocab(texts: Iterable[str], output: str | Path, vocab_size: int = 3052
                 min_frequency: int = 2, limit_alphabet: int = 1000) -> Vocab:
     """Train a BERT WordPiece vocab and write a directory `BertTokenizerFast.from_pretrained` loads."""
     from tokenizers.implementations import BertWordPieceTokenizer
-    from transformers import BertTokenizerFast
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,13 +122,12 @@ def save_dir(tokens: list[str], lowercase: bool, out: str | Path) -> None:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".vocab.txt.tmp"
-    tmp.write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
-    # transformers 5 renamed the constructor's vocab_file argument to vocab
-    arg = "vocab_file" if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab"
-    hf = BertTokenizerFast(**{arg: str(tmp)}, do_lower_case=lowercase, strip_accents=None if lowercase else False)
-    hf.save_pretrained(str(out))
-    os.replace(tmp, out / "vocab.txt")
+    with atomic_path(out / "vocab.txt") as tmp:  # vocab.txt last: its presence means the directory is whole
+        tmp.write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+        # transformers 5 renamed the constructor's vocab_file argument to vocab
+        arg = "vocab_file" if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab"
+        hf = BertTokenizerFast(**{arg: str(tmp)}, do_lower_case=lowercase, strip_accents=None if lowercase else False)
+        hf.save_pretrained(str(out))
 
 
 def describe(v: Vocab) -> str:

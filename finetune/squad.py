@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -26,6 +25,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import numpy as np
 import torch
 
+from data_prep.atomic import write_json
 from finetune.checkpoint import CheckpointError, load_model
 from finetune.data import SquadFormatError, Skips, read_squad
 from finetune.evaluate import best_null_threshold, evaluate
@@ -138,13 +138,6 @@ def collate(rows):
     batch = {k: torch.as_tensor(np.stack([r[k] for r in rows])) for k in rows[0]}
     width = int(batch["attention_mask"].sum(1).max())
     return {k: (v[:, :width] if v.dim() == 2 else v) for k, v in batch.items()}
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -366,15 +359,15 @@ def main(argv=None) -> int:
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if final is not None:
-            atomic_write_json(out_dir / "predictions.json", final)
-            atomic_write_json(out_dir / "nbest_predictions.json", nbest)
+            write_json(out_dir / "predictions.json", final)
+            write_json(out_dir / "nbest_predictions.json", nbest)
             if args.version_2:
-                atomic_write_json(out_dir / "null_odds.json", null_odds)
+                write_json(out_dir / "null_odds.json", null_odds)
         if args.save_model:
             engine.module.save_pretrained(out_dir / "model")
             tokenizer.save_pretrained(out_dir / "model")
-        atomic_write_json(out_dir / "metrics.json", metrics)
-        atomic_write_json(out_dir / "config.effective.json", {"deepspeed": cfg, "optimizer": {
+        write_json(out_dir / "metrics.json", metrics)
+        write_json(out_dir / "config.effective.json", {"deepspeed": cfg, "optimizer": {
             "type": "AdamW", "lr": args.lr, "weight_decay": args.weight_decay, "schedule": "linear",
             "warmup": args.warmup, "total_steps": total_steps}, "args": metrics["args"]})
         summary = {k: metrics[k] for k in ("exact_match", "f1") if k in metrics}

@@ -19,7 +19,6 @@ to the newest complete checkpoint, never start over and prune the good ones. An 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import sys
@@ -29,17 +28,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from data_prep.atomic import atomic_path, write_text
+
 TAG_PREFIX = "step"
 
 
 def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:07d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 MARKER = "complete.json"
@@ -175,18 +170,17 @@ def save(engine, output: Path, step: int, client_state: dict, model_config_json:
         shutil.rmtree(tag_dir)
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    tmp = tag_dir / f".rng_rank{rank}.pt.tmp"
-    torch.save(rng_state(), tmp)
-    os.replace(tmp, tag_dir / f"rng_rank{rank}.pt")
+    with atomic_path(tag_dir / f"rng_rank{rank}.pt") as tmp:
+        torch.save(rng_state(), tmp)
     if rank == 0:
-        atomic_write_text(tag_dir / "model_config.json", model_config_json)
+        write_text(tag_dir / "model_config.json", model_config_json)
     dist.barrier()  # every rank's files are on disk
     if rank == 0:
         files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != MARKER
                  and not p.name.startswith(".")}
         marker = {"step": step, "files": files, "fingerprint": client_state.get("fingerprint")}
-        atomic_write_text(tag_dir / MARKER, json.dumps(marker, indent=1, default=str))
-        atomic_write_text(ckpt_dir / "latest", tag)
+        write_text(tag_dir / MARKER, json.dumps(marker, indent=1, default=str))
+        write_text(ckpt_dir / "latest", tag)
         prune(ckpt_dir, keep)
     dist.barrier()
     return tag_dir

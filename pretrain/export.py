@@ -14,9 +14,10 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
+
+from data_prep.atomic import atomic_path
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -42,8 +43,8 @@ def export(checkpoint: str | Path, out: str | Path, vocab_dir: Optional[str | Pa
     vocab = Path(vocab_dir) if vocab_dir else (Path(meta["vocab_dir"]) if meta.get("vocab_dir") else None)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
         model.save_pretrained(tmp, safe_serialization=True)
         if vocab is not None:
             copied = _copy_tokenizer(vocab, tmp)
@@ -52,12 +53,6 @@ def export(checkpoint: str | Path, out: str | Path, vocab_dir: Optional[str | Pa
         (tmp / "pretraining_source.json").write_text(json.dumps(
             {"checkpoint": str(tag_dir.resolve()), "step": meta.get("step"), "pretrain": meta.get("pretrain")},
             indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

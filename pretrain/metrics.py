@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from data_prep.atomic import write_text
+
 # Dense (no sparsity) peak TFLOP/s per GPU from the vendors' data sheets: (bf16/fp16 tensor cores,
 # fp32 without TF32). First match of the device name wins, so variants come before the family.
 PEAK_TFLOPS: list[tuple[str, tuple[float, float]]] = [
@@ -94,9 +96,7 @@ class MetricsLogger:
                 continue
             if isinstance(rec, dict) and rec.get("step", 0) <= step:
                 keep.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        write_text(self.path, "".join(line + "\n" for line in keep))
 
     def restart_clock(self) -> None:
         self._t0 = time.perf_counter()

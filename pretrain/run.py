@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 
 import torch  # noqa: E402
 
+from data_prep.atomic import write_text  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
 from pretrain import config as config_mod  # noqa: E402
 from pretrain import data as data_mod  # noqa: E402
@@ -170,9 +171,6 @@ def main(argv=None) -> int:
     ds_cfg, cfg = config_mod.load(args.config, overrides, args.set)
     info = data_mod.inspect(cfg, args.config)  # fail on bad data before any process group exists
 
-    import deepspeed
-    import deepspeed.comm as dist
-
     import optim
 
     try:
@@ -224,7 +222,7 @@ def main(argv=None) -> int:
         stream.load_state_dict(client["sampler"])
     if is_main:  # written once the run is accepted, with every edit made to the config
         output.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write_text(output / "config.effective.json",
+        write_text(output / "config.effective.json",
                                      json.dumps(config_mod.effective(effective, cfg), indent=1))
         print(f"pretrain: {cfg.model} ({n_params / 1e6:.1f}M params), seq {cfg.seq_len}, {precision}, "
               f"{len(train_ds):,} train / {len(val_ds) if val_ds else 0:,} held-out samples, world {world}, "

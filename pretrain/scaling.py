@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from data_prep.atomic import write_json, write_text
 from optim.schedules import scale_lr
 from pretrain.checkpoint import checkpoint_dirs
 
@@ -182,7 +183,7 @@ def run_one(spec: RunSpec, args, out: Path, slot: int = 0) -> dict:
               "diverged": proc.returncode == 3}
     with_target(result, args.target_loss)
     if proc.returncode in (0, 3):  # finished, or stopped on a non-finite loss: both are results
-        done.write_text(json.dumps(result, indent=1))
+        write_json(done, result)  # last: its presence means the run is finished
         compact(run_dir)
     return result
 
@@ -196,7 +197,7 @@ def compact(run_dir: Path) -> None:
     if log.is_file():
         lines = log.read_text(errors="replace").splitlines()
         if len(lines) > 200:
-            log.write_text("\n".join(["[... earlier lines dropped]"] + lines[-200:]) + "\n")
+            write_text(log, "\n".join(["[... earlier lines dropped]"] + lines[-200:]) + "\n")
 
 
 def with_target(result: dict, target: float) -> dict:
@@ -333,9 +334,9 @@ def write_outputs(results: list[dict], out: Path, target: float, unigram: Option
     if unigram is not None:
         for r in summary:
             r["below_unigram"] = unigram - r["final_loss"] if r["final_loss"] == r["final_loss"] else None
-    (out / "summary.json").write_text(json.dumps({"target_loss": target, "unigram_entropy": unigram,
-                                                  "runs": summary, "scaling": scaling_summary(results)}, indent=1))
-    (out / "results.json").write_text(json.dumps(results))  # what plot() needs, for --predict's overlay
+    write_json(out / "summary.json", {"target_loss": target, "unigram_entropy": unigram, "runs": summary,
+                                      "scaling": scaling_summary(results)})
+    write_json(out / "results.json", results, indent=None)  # what plot() needs, for --predict's overlay
     try:
         plot(results, out, target)
     except ImportError:
@@ -508,7 +509,7 @@ def predict_main(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"scaling --predict: {exc}", file=sys.stderr)
         return 2
-    (args.predict / "prediction.json").write_text(json.dumps(p, indent=1))
+    write_json(args.predict / "prediction.json", p)
     pred.print_prediction(p)
     try:
         pred.plot_prediction(p, args.predict / "prediction.png")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep import BuildConfig, DataPrepError, DistributedPretrainingSampler, PretrainingDataset, build
+from data_prep import BuildConfig, DataPrepError, DistributedPretrainingSampler, PretrainingDataset, atomic, build
 from data_prep.readers import ReadStats, discover, iter_documents
 from data_prep.samples import truncate_pair
 
@@ -315,8 +315,13 @@ def test_resume_after_kill_gives_identical_shards(tmp_path, corpus, vocab):
     assert not list((tmp_path / "crash").rglob("shard_*.bin")), "a killed run left shard files"
     finished = list((tmp_path / "crash" / ".work" / "tok").glob("*/meta.json"))
     assert 1 <= len(finished) < 4, "the crash should come after some, not all, files"
+    # a build killed while writing shards leaves a temporary beside them: the rerun removes it
+    (tmp_path / "crash" / "seq64").mkdir(exist_ok=True)
+    atomic.temp_path(tmp_path / "crash" / "seq64" / "shard_00000.bin").write_bytes(b"half a shard")
     resumed = cli(*args, "--workers", "2", "--output", tmp_path / "crash", check=True)
     assert resumed.returncode == 0
+    listing = lambda d: sorted(p.name for p in d.iterdir())  # noqa: E731
+    assert listing(tmp_path / "crash" / "seq64") == listing(tmp_path / "clean" / "seq64")
     m1 = json.loads((tmp_path / "clean" / "seq64" / "manifest.json").read_text())
     m2 = json.loads((tmp_path / "crash" / "seq64" / "manifest.json").read_text())
     assert [s["sha256"] for s in m1["shards"]] == [s["sha256"] for s in m2["shards"]]
