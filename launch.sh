@@ -180,7 +180,7 @@ cmd_demo() {
     log "3/6 pretraining shards for seq 128 and 512 from one tokenization"
     py -m data_prep build --input "$out/corpus" --vocab "$out/vocab" --output "$out/data" --seq-lens 128,512 \
         --shards 4 --no-progress
-    log "4/6 phase 1 (seq 128) then phase 2 (seq 512): bert-tiny, LAMB, ZeRO-2, bf16, 2 processes"
+    log "4/6 phase 1 (seq 128) then phase 2 (seq 512): bert-tiny, LAMB, ZeRO-2, precision auto, 2 processes"
     # --resume: a second demo continues (here: finds both phases finished) instead of starting over
     cmd_pretrain --config1 ds_configs/cpu_seq128.json --config2 ds_configs/cpu_seq512.json \
         --data-dir "$out/data" --output-dir "$out" --resume "$@"

@@ -22,8 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "pretrain" / "run.py"
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 STEPS = 6
+# bf16 pinned (the config says "auto": fp32 on CPUs without bf16 instructions): phase 1 takes the
+# path GPU runs take, DeepSpeed's bf16 optimizer under ZeRO-2, on every machine.
 PHASE1 = ["--config", str(ROOT / "ds_configs/cpu_seq128.json"), "--data", "data/seq128", "--max-steps", str(STEPS),
-          "--train-batch-size", "16", "--micro-batch-size", "4", "--set", "pretrain.log_every=1"]
+          "--train-batch-size", "16", "--micro-batch-size", "4", "--set", "pretrain.log_every=1",
+          "--set", "bf16.enabled=true"]
 
 
 def free_port() -> int:

@@ -66,7 +66,7 @@ def test_phase2_then_export_reproduces_mlm_loss(phase1):
 
     out = deepspeed(phase1, "--config", str(ROOT / "ds_configs/cpu_seq512.json"), "--data", "data/seq512",
                     "--init-checkpoint", "straight", "--output", "phase2", "--max-steps", "2",
-                    "--train-batch-size", "8", "--micro-batch-size", "2")
+                    "--train-batch-size", "8", "--micro-batch-size", "2", "--set", "bf16.enabled=true")
     assert "initialised from straight (deepspeed)" in out
     # Phase 2 starts from phase 1's weights and moments, with its own learning rate and schedule:
     # phase 1 ended at lr 0, which the loaded optimizer state must not carry over. Over 2 steps
