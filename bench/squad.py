@@ -10,7 +10,7 @@ and not run again: rerun the same command after an interruption.
 
     python bench/squad.py --output runs/bench_squad                             # speed: 2 rounds, 1 seed
     python bench/squad.py --output runs/squad_accuracy --seeds 42,7,1 --rounds 1 --parallel \
-        --max-train-examples 2000 --max-predict-examples 1000                    # accuracy, ~1 hour here
+        --max-train-examples 2000 --max-predict-examples 1000                    # accuracy, ~75 minutes here
 
 Prints a table of every run, mean ± sd of EM and F1 per side over the seeds, our training
 windows/s over the reference's (median of the runs), and one JSON line. The encoder defaults to

@@ -88,7 +88,7 @@ def run_py(data: Path, work: Path, batch: int, steps: int, threads: int) -> floa
     path = work / "bench_cfg.json"
     path.write_text(json.dumps(cfg))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
-    out = work / "run"
+    out = Path(tempfile.mkdtemp(prefix="run", dir=work))  # a fresh run each round
     proc = subprocess.run([sys.executable, str(REPO / "pretrain" / "run.py"), "--config", str(path), "--data",
                            str(data / "seq128"), "--output", str(out), "--set", "pretrain.eval_samples=1"],
                           env=env, capture_output=True, text=True)
