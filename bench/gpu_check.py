@@ -3,11 +3,11 @@
     python bench/gpu_check.py --smoke                  every stage on the CPU, about a minute
     python bench/gpu_check.py --data D --out OUT       on one GPU, at most ~6 minutes
 
-Stages (``--stages a,b,c,d``, run in the order given; each prints a table row and one JSON line
+Stages (``--stages a,b,o,d,e,c``, run in the order given; each prints a table row and one JSON line
 as it ends, also appended to OUT/gpu_check.jsonl, so a run cut off at its time limit still
 reports what it finished):
 
-(The default order is a, b, o, d, c: the long stage last, so a cut-off run still reports the rest.)
+(The default order is a, b, o, d, e, c: the long stage last, so a cut-off run still reports the rest.)
 
 a. LAMB (paper, nvidia, deepspeed) and LARS: ``impl="loop"`` against ``"foreach"`` against the
    default GPU path (``impl=None``), 20 fp32 steps on a random problem with the learning rate
@@ -27,6 +27,9 @@ o. ZeRO-Offload: LAMB stepping CPU partitions under ZeRO-2 with the GPU's NCCL g
    kernels' per-tensor sums must reach NCCL on the GPU), 3 steps.
 d. The same model, batch and precision in a bare PyTorch loop (batches in memory, autocast, our
    LAMB): the pipeline's samples/s against it (target >= 0.9x).
+e. Where the difference goes (``bench/engine_step.py``): the bare loop against DeepSpeed engines
+   at ZeRO 0, 1 and 2, batches in memory, interleaved; a profile of one step of the bare loop and
+   of the ZeRO-2 engine (top kernels, device-busy time; Chrome traces in OUT/engine_step).
 
 Repeating the GPU run on a machine with PyTorch, transformers and tokenizers but no internet (as
 the project's device machine; commands from the repository root):
@@ -356,6 +359,34 @@ def stage_v(args, report) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# e. where the pipeline's step goes: bare loop against DeepSpeed engines, batches in memory
+# ---------------------------------------------------------------------------------------------
+
+def stage_e(args, report, state: dict) -> None:
+    """``bench/engine_step.py`` in its own process (it starts a process group): the bare loop and
+    engines at ZeRO 0/1/2 in interleaved rounds, and a profile of one step of each end."""
+    cmd = [sys.executable, str(REPO / "bench" / "engine_step.py"), "--data", str(args.data), "--model", args.model,
+           "--micro", str(args.micro), "--accum", str(args.accum), "--out", str(args.out / "engine_step")]
+    if args.device == "cpu":
+        cmd += ["--rounds", "2"]
+    env = dict(os.environ, MASTER_PORT=str(args.port + 11), PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.stage_timeout + 90, cwd=REPO)
+    out = proc.stdout + proc.stderr
+    line = next((x for x in out.splitlines() if x.startswith("ENGINE_STEP ")), None)
+    if proc.returncode != 0 or line is None:
+        report("e.engine", False, {"log_tail": out[-2500:]},
+               f"failed (rc {proc.returncode}): {out.strip().splitlines()[-1] if out.strip() else ''}")
+        return
+    rec = json.loads(line[len("ENGINE_STEP "):])
+    state["engine_samples_per_s"] = rec["samples_per_s"]
+    rate = rec["samples_per_s"]
+    report("e.engine", None, rec, ", ".join(f"{m} {v:.1f}" for m, v in rate.items()) + " samples/s; "
+           + "; ".join(f"{m} step {p['wall_ms']:.0f} ms" + (f" (device busy {p['device_busy_ms']:.0f} ms)"
+                                                           if p.get("device_busy_ms") else "")
+                       for m, p in rec["profiles"].items()))
+
+
+# ---------------------------------------------------------------------------------------------
 # c. run.py through the DeepSpeed launcher
 # ---------------------------------------------------------------------------------------------
 
@@ -658,7 +689,7 @@ def main() -> int:
     ap.add_argument("--python-version", default="3.12", help="--prepare: the target interpreter's version")
     ap.add_argument("--data", type=Path, help="a data_prep output holding seq128/ (default: built by --prepare)")
     ap.add_argument("--out", type=Path, default=Path("gpu_check_out"))
-    ap.add_argument("--stages", default="a,b,o,d,c")
+    ap.add_argument("--stages", default="a,b,o,d,e,c")
     ap.add_argument("--model", default=None, help="preset for stages b-d (default large; bert-tiny with --smoke)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps of the bf16 runs (default 24)")
     ap.add_argument("--fp16-steps", type=int, default=None, help="optimizer steps of the fp16 run (default 16)")
@@ -707,7 +738,8 @@ def main() -> int:
                          "triton": _version("triton"), "smoke": smoke, "model": args.model,
                          "micro": args.micro, "accum": args.accum, "steps": args.steps},
            f"{state['device_name']}, torch {torch.__version__}, triton {_version('triton')}")
-    stages = {"a": stage_a, "b": stage_b, "o": stage_o, "v": stage_v, "c": lambda a, r: stage_c(a, r, state), "d": lambda a, r: stage_d(a, r, state)}
+    stages = {"a": stage_a, "b": stage_b, "o": stage_o, "v": stage_v, "c": lambda a, r: stage_c(a, r, state),
+              "d": lambda a, r: stage_d(a, r, state), "e": lambda a, r: stage_e(a, r, state)}
     failed = False
 
     def too_long(_signum, _frame):
@@ -716,7 +748,7 @@ def main() -> int:
     signal.signal(signal.SIGALRM, too_long)
     for s in args.stages.split(","):
         try:
-            signal.alarm(args.stage_timeout if s.strip() != "c" else 0)
+            signal.alarm(0 if s.strip() == "c" else args.stage_timeout + (120 if s.strip() == "e" else 0))
             stages[s.strip()](args, report)
         except Exception as exc:  # noqa: BLE001 - report the failure and go on to the next stage
             import traceback

@@ -1,0 +1,191 @@
+"""Where the pipeline's step time goes: one model, batch and precision, batches in memory.
+
+    python bench/engine_step.py --data .gpu/data --model large --micro 128 --accum 2 --out OUT
+    python bench/engine_step.py --smoke          # CPU, bert-tiny, fp32: checks the script, times nothing useful
+
+On an H100 (``bench/gpu_check.py``, 2026-11-27) run.py reached 0.71x the samples/s of a bare
+PyTorch loop on the same model and batch (target 0.9x). The two differ in several things at
+once; this script separates them, each mode timed in interleaved rounds (A B C D A B C D ...)
+in one process, batches already on the device:
+
+  bare      fp32 weights, autocast bf16 (GPU) / fp32 (CPU), our LAMB (``optim.Lamb``) -- stage d
+  zero0     a DeepSpeed engine (``optim.initialize``, the shipped GPU config's optimizer):
+            bf16 weights with fp32 masters (GPU), ZeRO stage 0
+  zero1     the same at ZeRO stage 1 (the shipped ``lamb_64k.json``)
+  zero2     the same at ZeRO stage 2 (gpu_check stage c)
+
+then ``torch.profiler`` over one step of ``bare`` and of ``zero2``: the device time by kernel
+(top kernels), host time, and a Chrome trace of each in OUT. zero2 against run.py's figure
+(gpu_check stage c) is what the loop and the data path cost; bare against zero0/1/2 what the
+engine costs. Prints a table and one JSON line (``ENGINE_STEP {...}``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def engine_config(mode: str, micro: int, accum: int, bf16: bool) -> dict:
+    cfg = json.loads((REPO / "ds_configs" / "lamb_64k.json").read_text())
+    for key in ("_comment", "pretrain", "scheduler", "fp16", "bf16"):
+        cfg.pop(key, None)
+    cfg.update(train_batch_size=micro * accum, train_micro_batch_size_per_gpu=micro,
+               gradient_accumulation_steps=accum, zero_optimization={"stage": int(mode[-1])},
+               steps_per_print=10**9, bf16={"enabled": bf16})
+    cfg["optimizer"]["params"]["lr"] = 1e-4
+    return cfg
+
+
+def batches(data: Path, micro: int, n: int, device) -> list[dict]:
+    import torch
+
+    from data_prep import PretrainingDataset
+
+    ds = PretrainingDataset(data / "seq128", max_predictions=20)
+    out = []
+    for b in range(n):
+        items = [ds[(b * micro + i) % len(ds)] for i in range(micro)]
+        out.append({k: torch.stack([it[k] for it in items]).to(device) for k in items[0]})
+    return out
+
+
+class Bare:
+    def __init__(self, model, device, bf16: bool) -> None:
+        import torch
+
+        import optim
+
+        self.model = model.to(device)
+        self.opt = optim.Lamb(optim.param_groups(model, 0.01), lr=1e-4, variant="nvidia")
+        self.amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def step(self, micro_batches: list[dict]) -> None:
+        for b in micro_batches:
+            with self.amp():
+                out = self.model(**b)
+            (out.loss / len(micro_batches)).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class Engine:
+    def __init__(self, model, cfg: dict) -> None:
+        import optim
+
+        self.engine, *_ = optim.initialize(model=model, config=cfg)
+
+    def step(self, micro_batches: list[dict]) -> None:
+        for b in micro_batches:
+            out = self.engine(**b)
+            self.engine.backward(out.loss)
+            self.engine.step()
+
+
+def profile(runner, micro_batches, device, trace: Path, top: int) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    acc = __import__("deepspeed").accelerator.get_accelerator()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    acc.synchronize()
+    t = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        runner.step(micro_batches)
+        acc.synchronize()
+    wall = time.perf_counter() - t
+    prof.export_chrome_trace(str(trace))
+    events = prof.key_averages()
+    on_device = device.type == "cuda"
+
+    def dev_us(e):
+        return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) if on_device \
+            else e.self_cpu_time_total
+
+    rows = sorted(events, key=dev_us, reverse=True)[:top]
+    return {"wall_ms": wall * 1e3,
+            "device_busy_ms": sum(dev_us(e) for e in events) / 1e3 if on_device else None,
+            "top": [{"name": e.key[:90], "calls": e.count, "ms": dev_us(e) / 1e3} for e in rows],
+            "trace": str(trace)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--data", type=Path, help="a data_prep output holding seq128/")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--micro", type=int, default=None)
+    ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds of every mode (after one warm-up)")
+    ap.add_argument("--modes", default="bare,zero0,zero1,zero2")
+    ap.add_argument("--top", type=int, default=12, help="kernels listed per profile")
+    ap.add_argument("--out", type=Path, default=Path("engine_step_out"))
+    args = ap.parse_args(argv)
+    args.model = args.model or ("bert-tiny" if args.smoke else "large")
+    args.micro = args.micro or (8 if args.smoke else 128)
+    args.rounds = args.rounds or (2 if args.smoke else 6)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.data is None:
+        args.data = args.out / "prepared" / "data"
+        if not (args.data / "seq128" / "manifest.json").is_file():
+            from bench.gpu_check import prepare_data_only
+
+            prepare_data_only(args.out / "prepared")
+
+    import torch
+
+    from data_prep.atomic import write_json
+    from pretrain.distributed import init_distributed
+    from pretrain.model import build_model
+
+    init_distributed()
+    acc = __import__("deepspeed").accelerator.get_accelerator()
+    device = torch.device(acc.device_name(acc.current_device()) if acc.device_name() != "cpu" else "cpu")
+    bf16 = device.type != "cpu"  # this CPU emulates bf16 (~14x slower): fp32 there
+    vocab = json.loads((args.data / "seq128" / "manifest.json").read_text())["vocab"]["size"]
+    data = batches(args.data, args.micro, args.accum * 2, device)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    runners = {}
+    for m in modes:
+        model = build_model(args.model, vocab, seed=0)
+        runners[m] = Bare(model, device, bf16) if m == "bare" else \
+            Engine(model, engine_config(m, args.micro, args.accum, bf16))
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(args.rounds + 1):  # round 0: warm-up (kernel choice, allocator, first-step work)
+        for m in modes:
+            acc.synchronize()
+            t = time.perf_counter()
+            runners[m].step(data[(r % 2) * args.accum:(r % 2 + 1) * args.accum])
+            acc.synchronize()
+            if r:
+                times[m].append(time.perf_counter() - t)
+    glob = args.micro * args.accum
+    rate = {m: glob / statistics.median(v) for m, v in times.items()}
+    mem = acc.max_memory_allocated() / 2**30 if device.type != "cpu" else None
+    profiles = {m: profile(runners[m], data[:args.accum], device, args.out / f"trace_{m}.json", args.top)
+                for m in ("bare", "zero2") if m in runners}
+    ref = rate.get("bare")
+    print(f"{'mode':<7} {'samples/s':>10} {'x bare':>7}  (median of {args.rounds} interleaved rounds, "
+          f"batch {glob} = {args.micro} x {args.accum}, {args.model}, {'bf16' if bf16 else 'fp32'}, {device.type})")
+    for m in modes:
+        print(f"{m:<7} {rate[m]:>10.1f} {rate[m] / ref if ref else float('nan'):>7.2f}")
+    for m, p in profiles.items():
+        busy = f", device busy {p['device_busy_ms']:.1f} ms" if p["device_busy_ms"] is not None else ""
+        print(f"profile {m}: one step {p['wall_ms']:.1f} ms wall{busy}; top: "
+              + "; ".join(f"{x['name'][:40]} {x['ms']:.2f} ms x{x['calls']}" for x in p["top"][:6]))
+    record = {"model": args.model, "micro": args.micro, "accum": args.accum, "precision": "bf16" if bf16 else "fp32",
+              "device": device.type, "samples_per_s": rate, "over_bare": {m: rate[m] / ref for m in rate} if ref else None,
+              "rounds": args.rounds, "peak_mem_gib": mem, "profiles": profiles}
+    write_json(args.out / "engine_step.json", record)
+    print("ENGINE_STEP " + json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
