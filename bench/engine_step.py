@@ -89,7 +89,6 @@ class Engine:
 
 
 def profile(runner, micro_batches, device, trace: Path, top: int) -> dict:
-    import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     acc = __import__("deepspeed").accelerator.get_accelerator()

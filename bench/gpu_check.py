@@ -308,7 +308,6 @@ def stage_o(args, report) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def stage_v(args, report) -> None:
-    import torch
 
     import optim
     from optim import _triton
