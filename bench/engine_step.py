@@ -18,6 +18,11 @@ then ``torch.profiler`` over one step of ``bare`` and of ``zero2``: the device t
 (top kernels), host time, and a Chrome trace of each in OUT. zero2 against run.py's figure
 (gpu_check stage c) is what the loop and the data path cost; bare against zero0/1/2 what the
 engine costs. Prints a table and one JSON line (``ENGINE_STEP {...}``).
+
+With ``--compile [BACKEND]`` (``pretrain.compile``'s values; default: the accelerator's backend),
+afterwards: the ZeRO-2 engine with its model compiled, the compilation's time, and rounds
+alternating with the eager ZeRO-2 engine (``ENGINE_COMPILE {...}``, a line of its own so that a
+slow compilation cannot take the eager figures with it).
 """
 from __future__ import annotations
 
@@ -125,10 +130,12 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="bare,zero0,zero1,zero2")
     ap.add_argument("--top", type=int, default=12, help="kernels listed per profile")
     ap.add_argument("--out", type=Path, default=Path("engine_step_out"))
+    ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="BACKEND",
+                    help="also time the ZeRO-2 engine with its model compiled (pretrain.compile's values)")
     args = ap.parse_args(argv)
     args.model = args.model or ("bert-tiny" if args.smoke else "large")
     args.micro = args.micro or (8 if args.smoke else 128)
-    args.rounds = args.rounds or (2 if args.smoke else 6)
+    args.rounds = args.rounds or (2 if args.smoke else 5)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.data is None:
         args.data = args.out / "prepared" / "data"
@@ -183,7 +190,41 @@ def main(argv=None) -> int:
               "rounds": args.rounds, "peak_mem_gib": mem, "profiles": profiles}
     write_json(args.out / "engine_step.json", record)
     print("ENGINE_STEP " + json.dumps(record), flush=True)
+    if args.compile and "zero2" in runners:
+        compiled = compare_compiled(args, runners["zero2"], data, vocab, bf16, acc)
+        record["compiled"] = compiled
+        write_json(args.out / "engine_step.json", record)
+        print(f"zero2 compiled ({args.compile}): {compiled['samples_per_s']['zero2c']:.1f} samples/s against "
+              f"{compiled['samples_per_s']['zero2']:.1f} eager = {compiled['speedup']:.2f}x; first step "
+              f"(compilation) {compiled['first_step_s']:.1f} s")
+        print("ENGINE_COMPILE " + json.dumps(compiled), flush=True)
     return 0
+
+
+def compare_compiled(args, eager: Engine, data: list, vocab: int, bf16: bool, acc) -> dict:
+    """The ZeRO-2 engine compiled as ``pretrain.compile`` does, rounds alternating with ``eager``."""
+    from pretrain.model import build_model, check_compile, compile_engine
+
+    check_compile(args.compile)
+    runner = Engine(build_model(args.model, vocab, seed=0), engine_config("zero2", args.micro, args.accum, bf16))
+    compile_engine(runner.engine, args.compile)
+    acc.synchronize()
+    t = time.perf_counter()
+    runner.step(data[:args.accum])  # compiles
+    acc.synchronize()
+    first = time.perf_counter() - t
+    times: dict[str, list[float]] = {"zero2": [], "zero2c": []}
+    for r in range(args.rounds):
+        for name, run in (("zero2", eager), ("zero2c", runner)):
+            acc.synchronize()
+            t = time.perf_counter()
+            run.step(data[(r % 2) * args.accum:(r % 2 + 1) * args.accum])
+            acc.synchronize()
+            times[name].append(time.perf_counter() - t)
+    glob = args.micro * args.accum
+    rate = {k: glob / statistics.median(v) for k, v in times.items()}
+    return {"backend": args.compile, "samples_per_s": rate, "speedup": rate["zero2c"] / rate["zero2"],
+            "first_step_s": first, "rounds": args.rounds}
 
 
 if __name__ == "__main__":

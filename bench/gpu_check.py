@@ -28,8 +28,9 @@ o. ZeRO-Offload: LAMB stepping CPU partitions under ZeRO-2 with the GPU's NCCL g
 d. The same model, batch and precision in a bare PyTorch loop (batches in memory, autocast, our
    LAMB): the pipeline's samples/s against it (target >= 0.9x).
 e. Where the difference goes (``bench/engine_step.py``): the bare loop against DeepSpeed engines
-   at ZeRO 0, 1 and 2, batches in memory, interleaved; a profile of one step of the bare loop and
-   of the ZeRO-2 engine (top kernels, device-busy time; Chrome traces in OUT/engine_step).
+   at ZeRO 1 and 2, batches in memory, interleaved; a profile of one step of the bare loop and
+   of the ZeRO-2 engine (top kernels, device-busy time; Chrome traces in OUT/engine_step); then
+   the ZeRO-2 engine with ``pretrain.compile`` "default" (inductor) against the eager one.
 
 Repeating the GPU run on a machine with PyTorch, transformers and tokenizers but no internet (as
 the project's device machine; commands from the repository root):
@@ -365,18 +366,29 @@ def stage_e(args, report, state: dict) -> None:
     """``bench/engine_step.py`` in its own process (it starts a process group): the bare loop and
     engines at ZeRO 0/1/2 in interleaved rounds, and a profile of one step of each end."""
     cmd = [sys.executable, str(REPO / "bench" / "engine_step.py"), "--data", str(args.data), "--model", args.model,
-           "--micro", str(args.micro), "--accum", str(args.accum), "--out", str(args.out / "engine_step")]
-    if args.device == "cpu":
-        cmd += ["--rounds", "2"]
+           "--micro", str(args.micro), "--accum", str(args.accum), "--out", str(args.out / "engine_step"),
+           "--modes", "bare,zero1,zero2"]
+    cmd += ["--rounds", "2", "--compile", "aot_eager"] if args.device == "cpu" else ["--compile"]
     env = dict(os.environ, MASTER_PORT=str(args.port + 11), PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.stage_timeout + 90, cwd=REPO)
-    out = proc.stdout + proc.stderr
-    line = next((x for x in out.splitlines() if x.startswith("ENGINE_STEP ")), None)
-    if proc.returncode != 0 or line is None:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.stage_timeout + 90, cwd=REPO)
+        out, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:  # the eager figures may be out before a slow compilation
+        out = "".join(x.decode() if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr))
+        rc = "timeout"
+    lines = {x.split(" ", 1)[0]: x.split(" ", 1)[1] for x in out.splitlines()
+             if x.startswith(("ENGINE_STEP ", "ENGINE_COMPILE "))}
+    if "ENGINE_COMPILE" in lines:
+        c = json.loads(lines["ENGINE_COMPILE"])
+        report("e.compile", None, c, f"ZeRO-2 engine compiled ({c['backend']}): {c['speedup']:.2f}x eager, "
+               f"first step {c['first_step_s']:.1f} s")
+    elif "ENGINE_STEP" in lines:
+        report("e.compile", False, {"rc": rc, "log_tail": out[-2500:]}, f"no compiled figure (rc {rc})")
+    if "ENGINE_STEP" not in lines:
         report("e.engine", False, {"log_tail": out[-2500:]},
-               f"failed (rc {proc.returncode}): {out.strip().splitlines()[-1] if out.strip() else ''}")
+               f"failed (rc {rc}): {out.strip().splitlines()[-1] if out.strip() else ''}")
         return
-    rec = json.loads(line[len("ENGINE_STEP "):])
+    rec = json.loads(lines["ENGINE_STEP"])
     state["engine_samples_per_s"] = rec["samples_per_s"]
     rate = rec["samples_per_s"]
     report("e.engine", None, rec, ", ".join(f"{m} {v:.1f}" for m, v in rate.items()) + " samples/s; "

@@ -54,6 +54,8 @@ class PretrainConfig:
     gns_ema: float = 0.95                 # decay of the noise scale's moving averages, per measurement
     max_consecutive_skips: int = 50       # fp16: steps in a row the loss scaler may skip before the run stops
     peak_tflops: Optional[float] = None   # accelerator peak for MFU (default: pretrain.metrics.PEAK_TFLOPS)
+    compile: str = "off"                  # torch.compile the model: "off", "default" (the accelerator's
+                                          # backend: inductor on GPUs) or a backend name ("aot_eager", ...)
     extra: dict = field(default_factory=dict, repr=False)
 
     def validate(self, source: str) -> None:
@@ -71,6 +73,8 @@ class PretrainConfig:
             raise bad("gns_ema", f"must be in [0, 1), got {self.gns_ema!r}")
         if self.peak_tflops is not None and not float(self.peak_tflops) > 0:
             raise bad("peak_tflops", f"must be a positive number, got {self.peak_tflops!r}")
+        if not isinstance(self.compile, str) or not self.compile:
+            raise bad("compile", f"must be \"off\", \"default\" or a torch.compile backend name, got {self.compile!r}")
         if self.init_optimizer_state not in KNOWN_PHASE_STATE:
             raise bad("init_optimizer_state", f"must be one of {KNOWN_PHASE_STATE}, got {self.init_optimizer_state!r}")
         if self.max_predictions > self.seq_len:

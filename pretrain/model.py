@@ -115,5 +115,24 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def check_compile(setting: str) -> None:
+    """``pretrain.compile``: "off", "default" or a backend ``torch.compile`` knows (checked before
+    any process group exists; an unknown name would otherwise fail at the first step)."""
+    if setting in ("off", "default"):
+        return
+    import torch._dynamo
+
+    known = [b for b in torch._dynamo.list_backends(exclude_tags=()) if "TESTING" not in b and "minifier" not in b]
+    if setting not in known:
+        raise ValueError(f"pretrain.compile {setting!r} is not a torch.compile backend (\"off\", \"default\", "
+                         f"or one of {sorted(known)})")
+
+
+def compile_engine(engine, setting: str) -> None:
+    """Compile the engine's module in place (parameter names, hence checkpoints, are unchanged)."""
+    if setting != "off":
+        engine.compile(**({} if setting == "default" else {"backend": setting}))
+
+
 __all__ = ["PRESETS", "BertPretrainingModel", "PretrainingOutput", "bert_config", "build_model",
-           "load_weights", "count_parameters"]
+           "load_weights", "count_parameters", "check_compile", "compile_engine"]

@@ -29,14 +29,15 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 
 import torch  # noqa: E402
 
-from data_prep.atomic import write_text  # noqa: E402
+from data_prep.atomic import write_json  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
 from pretrain import config as config_mod  # noqa: E402
 from pretrain import data as data_mod  # noqa: E402
 from pretrain.distributed import init_distributed  # noqa: E402
 from pretrain.gns import NoiseScale  # noqa: E402
 from pretrain.metrics import MetricsLogger, device_name, peak_memory_gib, peak_tflops  # noqa: E402
-from pretrain.model import bert_config, build_model, count_parameters, load_weights  # noqa: E402
+from pretrain.model import (bert_config, build_model, check_compile, compile_engine, count_parameters,  # noqa: E402
+                           load_weights)
 from pretrain.steps import StepAccountant, TrainingDiverged  # noqa: E402
 from pretrain.stop import StopRequest  # noqa: E402
 
@@ -94,12 +95,17 @@ def check_output(args, cfg, ds_cfg: dict, manifest: dict) -> bool:
         return False
     if existing is not None and "train_batch_size" in ds_cfg:
         old = checkpoint.read_marker(ckpt_dir / existing).get("fingerprint") or {}
-        fp = fingerprint(ds_cfg, cfg, manifest)
-        if old and old.get("hash") != fp["hash"]:
-            diff = [k for k in RESUME_KEYS if old.get(k) != fp.get(k)]
-            raise config_mod.ConfigError(f"--resume: {cfg.output} was trained with different settings {diff}; "
-                                         "use another --output or the original config")
+        if old:
+            check_same_settings(old, fingerprint(ds_cfg, cfg, manifest), cfg.output)
     return existing is not None
+
+
+def check_same_settings(old: dict, new: dict, output) -> None:
+    """A resumed run must be the run it continues: refuse changed ``RESUME_KEYS``, naming them."""
+    if old.get("hash") != new["hash"]:
+        diff = [k for k in RESUME_KEYS if old.get(k) != new.get(k)]
+        raise config_mod.ConfigError(f"--resume: {output} was trained with different settings {diff}; "
+                                     "use another --output or the original config")
 
 
 def check_init_vocab(path: str, manifest: dict) -> None:
@@ -177,6 +183,7 @@ def main(argv=None) -> int:
         precision = optim.resolve_precision(ds_cfg, source=args.config)  # "auto" -> bf16/fp16/fp32
         optim.check_config(ds_cfg)
         bert_config(cfg.model, info.vocab_size)
+        check_compile(cfg.compile)
     except ValueError as exc:
         raise config_mod.ConfigError(f"{args.config}: {exc}") from None
     resuming = check_output(args, cfg, ds_cfg, info.manifest)  # refusals before anything is started
@@ -201,6 +208,7 @@ def main(argv=None) -> int:
     engine, _, _, _ = optim.initialize(model=model, config=ds_cfg, effective=effective)
     if init_kind == "deepspeed" and keep_state:
         checkpoint.restore_phase1_optimizer(engine, init_ckpt_dir, init_tag, cfg.init_optimizer_state)
+    compile_engine(engine, cfg.compile)
 
     device = engine.device
     train_ds, val_ds = data_mod.datasets(info, cfg)
@@ -213,17 +221,12 @@ def main(argv=None) -> int:
         if client is None:
             raise config_mod.ConfigError(f"--resume: no checkpoint in {output / 'checkpoints'} loads (see the "
                                          "messages above); move them away to start over")
-        old = client.get("fingerprint", {})
-        if old.get("hash") != fp["hash"]:
-            diff = [k for k in RESUME_KEYS if old.get(k) != fp.get(k)]
-            raise config_mod.ConfigError(f"--resume: {output} was trained with different settings {diff}; "
-                                         "use another --output or the original config")
+        check_same_settings(client.get("fingerprint", {}), fp, output)
         progress.update(step=client["step"], samples=client["samples"], skipped=client.get("skipped", 0))
         stream.load_state_dict(client["sampler"])
     if is_main:  # written once the run is accepted, with every edit made to the config
         output.mkdir(parents=True, exist_ok=True)
-        write_text(output / "config.effective.json",
-                                     json.dumps(config_mod.effective(effective, cfg), indent=1))
+        write_json(output / "config.effective.json", config_mod.effective(effective, cfg))
         print(f"pretrain: {cfg.model} ({n_params / 1e6:.1f}M params), seq {cfg.seq_len}, {precision}, "
               f"{len(train_ds):,} train / {len(val_ds) if val_ds else 0:,} held-out samples, world {world}, "
               f"global batch {glob} = {micro} x {accum} accumulation x {world} ranks, "
