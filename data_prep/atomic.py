@@ -75,3 +75,10 @@ def write_json(path: str | os.PathLike, obj, **dump_kwargs) -> None:
     dump_kwargs.setdefault("indent", 1)
     dump_kwargs.setdefault("ensure_ascii", False)
     write_text(path, json.dumps(obj, **dump_kwargs) + "\n")
+
+
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
+    """A matplotlib figure written as ``path`` (format from its suffix) in one rename."""
+    kwargs.setdefault("format", Path(path).suffix.lstrip(".") or "png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, **kwargs)

@@ -22,6 +22,8 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from data_prep.atomic import save_figure
+
 
 def read_run(run_dir: Path) -> tuple[list[dict], int]:
     """(metrics records, global batch) of a run directory written by pretrain/run.py."""
@@ -144,5 +146,5 @@ def plot_prediction(p: dict, path: Path) -> None:
     for ax in (a1, a2):
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from data_prep.atomic import write_json, write_text
+from data_prep.atomic import atomic_path, save_figure, write_json, write_text
 from optim.schedules import scale_lr
 from pretrain.checkpoint import checkpoint_dirs
 
@@ -322,7 +322,7 @@ def scaling_summary(results: list[dict]) -> dict[str, list[dict]]:
 
 
 def write_outputs(results: list[dict], out: Path, target: float, unigram: Optional[float] = None) -> None:
-    with open(out / "results.csv", "w", newline="") as f:
+    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "optimizer", "batch", "lr", "lr_multiplier", "step", "samples", "eval_mlm_loss",
                     "eval_mlm_acc", "eval_nsp_acc"])
@@ -338,9 +338,24 @@ def write_outputs(results: list[dict], out: Path, target: float, unigram: Option
                                       "scaling": scaling_summary(results)})
     write_json(out / "results.json", results, indent=None)  # what plot() needs, for --predict's overlay
     try:
-        plot(results, out, target)
+        plot(results, out, target, prediction=overlay_prediction(results, out, target))
     except ImportError:
         print("scaling: matplotlib is not installed; no plots", file=sys.stderr)
+
+
+def overlay_prediction(results: list[dict], out: Path, target: float) -> Optional[dict]:
+    """The ``--predict`` result kept in one of the study's run dirs (that of the smallest batch
+    if several), for the same target loss: the plot keeps its overlay as runs are added."""
+    for r in sorted(results, key=lambda r: (r["batch"], r["name"])):
+        f = out / r["name"] / "prediction.json"
+        if f.is_file():
+            try:
+                p = json.loads(f.read_text())
+            except ValueError:
+                continue
+            if p.get("target_loss") == target:
+                return p
+    return None
 
 
 def plot(results: list[dict], out: Path, target: float, prediction: Optional[dict] = None) -> None:
@@ -363,7 +378,7 @@ def plot(results: list[dict], out: Path, target: float, prediction: Optional[dic
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("held-out MLM loss")
     fig.tight_layout()
-    fig.savefig(out / "loss_vs_samples.png", dpi=120)
+    save_figure(fig, out / "loss_vs_samples.png", dpi=120)
     plt.close(fig)
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -395,7 +410,7 @@ def plot(results: list[dict], out: Path, target: float, prediction: Optional[dic
         if ax.get_legend_handles_labels()[0]:  # no curve when no run reached the target yet
             ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=120)
+    save_figure(fig, out / "scaling.png", dpi=120)
     plt.close(fig)
 
     courses = [(b, r) for (o, b), r in sorted(best.items()) if r.get("gns")]
@@ -409,7 +424,7 @@ def plot(results: list[dict], out: Path, target: float, prediction: Optional[dic
                title="noise scale over training (best lr per batch)")
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
-        fig.savefig(out / "noise_scale.png", dpi=120)
+        save_figure(fig, out / "noise_scale.png", dpi=120)
         plt.close(fig)
 
 

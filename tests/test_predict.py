@@ -81,3 +81,24 @@ def test_overlay_on_a_scaling_study(tmp_path):
     p = json.loads((run / "prediction.json").read_text())
     assert p["target_loss"] == 5.0 and {b["batch"] for b in p["batches"]} == {64, 256, 1024}
     assert (grid / "scaling.png").stat().st_size > 0
+
+
+def test_the_study_keeps_the_overlay_as_runs_are_added(tmp_path):
+    """The grid rewrites its plots after every run: the prediction kept in a run dir (for the same
+    target) stays on them, and no temporary file is left beside the outputs."""
+    grid = tmp_path / "grid"
+    (grid / "lamb_b64_lrx1").mkdir(parents=True)
+    results = [{"name": f"lamb_b{b}_lrx1", "optimizer": "lamb", "batch": b, "lr": 1e-3, "lr_multiplier": 1.0,
+                "steps": 100, "final_loss": 6.0, "steps_to_target": 300 * 64 / b,
+                "samples_to_target": 300 * 64, "exit_code": 0, "wall_s": 1.0,
+                "evals": [{"samples": 1000, "step": 10, "eval_mlm_loss": 6.0, "eval_mlm_acc": 0.1,
+                           "eval_nsp_acc": 0.5}]} for b in (64, 256)]
+    p = {"target_loss": 5.0, "run": str(grid / "lamb_b64_lrx1"),
+         "batches": [{"batch": b, "steps": 300 * (1 + 100 / b), "steps_low_noise": 290, "steps_high_noise": 320}
+                     for b in (64, 256)]}
+    (grid / "lamb_b64_lrx1" / "prediction.json").write_text(json.dumps(p))
+    assert scaling.overlay_prediction(results, grid, 5.0) == p
+    assert scaling.overlay_prediction(results, grid, 6.0) is None  # another target: not this study's
+    scaling.write_outputs(results, grid, 5.0)
+    assert (grid / "scaling.png").stat().st_size > 0 and (grid / "results.csv").read_text().count("\n") == 3
+    assert not [f for f in grid.iterdir() if ".tmp" in f.name]
