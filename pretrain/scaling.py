@@ -382,23 +382,30 @@ def plot(results: list[dict], out: Path, target: float, prediction: Optional[dic
     plt.close(fig)
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    colour = {opt: f"C{i}" for i, opt in enumerate(opts)}
     for opt in opts:
         rows = sorted((b, r) for (o, b), r in best.items() if o == opt)
-        a1.plot([b for b, _ in rows], [_final(r) for _, r in rows], marker="o", label=opt)
+        a1.plot([b for b, _ in rows], [_final(r) for _, r in rows], marker="o", color=colour[opt], label=opt)
     fastest = best_per_batch(results, by="target")
     for opt in opts:
         hits = sorted((b, r["steps_to_target"]) for (o, b), r in fastest.items()
                       if o == opt and r["steps_to_target"] is not None)
         if hits:
-            a2.plot([b for b, _ in hits], [s for _, s in hits], marker="o", label=opt)
+            a2.plot([b for b, _ in hits], [s for _, s in hits], marker="o", color=colour[opt], label=opt)
+        # Batches where no run of this optimizer reached the target: its steps are a lower bound.
+        short = sorted((b, r["steps"]) for (o, b), r in best.items()
+                       if o == opt and (o, b) not in {k for k, x in fastest.items() if x["steps_to_target"] is not None})
+        if short:
+            a2.scatter([b for b, _ in short], [s for _, s in short], marker="^", facecolors="none",
+                       edgecolors=colour[opt], label=f"{opt}: not reached in its steps")
     batches = sorted({b for _, b in best})
     lamb_hits = [(b, r["steps_to_target"]) for (o, b), r in fastest.items()
                  if o == "lamb" and r["steps_to_target"] is not None]
     if lamb_hits:
         b0, s0 = min(lamb_hits)
         a2.plot(batches, [s0 * b0 / b for b in batches], "k--", lw=1, label="ideal linear scaling (from lamb)")
-    if prediction is not None:
-        pb = prediction["batches"]
+    if prediction is not None:  # over the study's batches (a prediction may reach 65,536)
+        pb = [b for b in prediction["batches"] if min(batches) / 2 <= b["batch"] <= max(batches) * 2]
         a2.plot([b["batch"] for b in pb], [b["steps"] for b in pb], color="C3", lw=1.5,
                 label=f"predicted by the noise scale of {Path(prediction['run']).name}")
         a2.fill_between([b["batch"] for b in pb], [min(b["steps_low_noise"], b["steps_high_noise"]) for b in pb],
@@ -408,7 +415,7 @@ def plot(results: list[dict], out: Path, target: float, prediction: Optional[dic
            title="steps to target, best lr")
     for ax in (a1, a2):
         if ax.get_legend_handles_labels()[0]:  # no curve when no run reached the target yet
-            ax.legend()
+            ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, out / "scaling.png", dpi=120)
     plt.close(fig)
