@@ -37,6 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+MODES = ("bare", "zero0", "zero1", "zero2")
+
+
 def engine_config(mode: str, micro: int, accum: int, bf16: bool) -> dict:
     cfg = json.loads((REPO / "ds_configs" / "lamb_64k.json").read_text())
     for key in ("_comment", "pretrain", "scheduler", "fp16", "bf16"):
@@ -112,8 +115,13 @@ def profile(runner, micro_batches, device, trace: Path, top: int) -> dict:
         return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) if on_device \
             else e.self_cpu_time_total
 
+    if on_device:  # the kernels themselves: an operator's device time is its kernels' again
+        from torch.autograd import DeviceType
+
+        events = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
     rows = sorted(events, key=dev_us, reverse=True)[:top]
     return {"wall_ms": wall * 1e3,
+            # kernel time summed; above the wall time only where streams overlap
             "device_busy_ms": sum(dev_us(e) for e in events) / 1e3 if on_device else None,
             "top": [{"name": e.key[:90], "calls": e.count, "ms": dev_us(e) / 1e3} for e in rows],
             "trace": str(trace)}
@@ -132,7 +140,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("engine_step_out"))
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="BACKEND",
                     help="also time the ZeRO-2 engine with its model compiled (pretrain.compile's values)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiles")
     args = ap.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - set(MODES):
+        ap.error(f"--modes: choose among {', '.join(MODES)}, got {args.modes!r}")
+    if args.compile and "zero2" not in modes:
+        ap.error("--compile compares against the zero2 mode: include it in --modes")
+    if args.compile:
+        from pretrain.model import check_compile
+
+        try:
+            check_compile(args.compile)
+        except ValueError as exc:
+            ap.error(str(exc))
     args.model = args.model or ("bert-tiny" if args.smoke else "large")
     args.micro = args.micro or (8 if args.smoke else 128)
     args.rounds = args.rounds or (2 if args.smoke else 5)
@@ -156,7 +177,6 @@ def main(argv=None) -> int:
     bf16 = device.type != "cpu"  # this CPU emulates bf16 (~14x slower): fp32 there
     vocab = json.loads((args.data / "seq128" / "manifest.json").read_text())["vocab"]["size"]
     data = batches(args.data, args.micro, args.accum * 2, device)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     runners = {}
     for m in modes:
         model = build_model(args.model, vocab, seed=0)
@@ -175,7 +195,7 @@ def main(argv=None) -> int:
     rate = {m: glob / statistics.median(v) for m, v in times.items()}
     mem = acc.max_memory_allocated() / 2**30 if device.type != "cpu" else None
     profiles = {m: profile(runners[m], data[:args.accum], device, args.out / f"trace_{m}.json", args.top)
-                for m in ("bare", "zero2") if m in runners}
+                for m in ("bare", "zero2") if m in runners and not args.no_profile}
     ref = rate.get("bare")
     print(f"{'mode':<7} {'samples/s':>10} {'x bare':>7}  (median of {args.rounds} interleaved rounds, "
           f"batch {glob} = {args.micro} x {args.accum}, {args.model}, {'bf16' if bf16 else 'fp32'}, {device.type})")
@@ -190,7 +210,7 @@ def main(argv=None) -> int:
               "rounds": args.rounds, "peak_mem_gib": mem, "profiles": profiles}
     write_json(args.out / "engine_step.json", record)
     print("ENGINE_STEP " + json.dumps(record), flush=True)
-    if args.compile and "zero2" in runners:
+    if args.compile:
         compiled = compare_compiled(args, runners["zero2"], data, vocab, bf16, acc)
         record["compiled"] = compiled
         write_json(args.out / "engine_step.json", record)
@@ -203,9 +223,8 @@ def main(argv=None) -> int:
 
 def compare_compiled(args, eager: Engine, data: list, vocab: int, bf16: bool, acc) -> dict:
     """The ZeRO-2 engine compiled as ``pretrain.compile`` does, rounds alternating with ``eager``."""
-    from pretrain.model import build_model, check_compile, compile_engine
+    from pretrain.model import build_model, compile_engine
 
-    check_compile(args.compile)
     runner = Engine(build_model(args.model, vocab, seed=0), engine_config("zero2", args.micro, args.accum, bf16))
     compile_engine(runner.engine, args.compile)
     acc.synchronize()

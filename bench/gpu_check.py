@@ -29,8 +29,9 @@ d. The same model, batch and precision in a bare PyTorch loop (batches in memory
    LAMB): the pipeline's samples/s against it (target >= 0.9x).
 e. Where the difference goes (``bench/engine_step.py``): the bare loop against DeepSpeed engines
    at ZeRO 1 and 2, batches in memory, interleaved; a profile of one step of the bare loop and
-   of the ZeRO-2 engine (top kernels, device-busy time; Chrome traces in OUT/engine_step); then
-   the ZeRO-2 engine with ``pretrain.compile`` "default" (inductor) against the eager one.
+   of the ZeRO-2 engine (top kernels, device-busy time; Chrome traces in OUT/engine_step_e).
+f. (not in the default stages: ``--stages f``, a call of its own) the ZeRO-2 engine with
+   ``pretrain.compile`` "default" (inductor) against the eager one, and the compilation's time.
 
 Repeating the GPU run on a machine with PyTorch, transformers and tokenizers but no internet (as
 the project's device machine; commands from the repository root):
@@ -309,7 +310,6 @@ def stage_o(args, report) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def stage_v(args, report) -> None:
-
     import optim
     from optim import _triton
 
@@ -362,36 +362,40 @@ def stage_v(args, report) -> None:
 # e. where the pipeline's step goes: bare loop against DeepSpeed engines, batches in memory
 # ---------------------------------------------------------------------------------------------
 
-def stage_e(args, report, state: dict) -> None:
-    """``bench/engine_step.py`` in its own process (it starts a process group): the bare loop and
-    engines at ZeRO 0/1/2 in interleaved rounds, and a profile of one step of each end."""
+def stage_e(args, report, state: dict, compiled: bool = False) -> None:
+    """``bench/engine_step.py`` in its own process (it starts a process group). Stage e: the bare
+    loop and engines at ZeRO 1 and 2 in interleaved rounds, and a profile of one step of each end.
+    Stage f (``compiled``): the ZeRO-2 engine compiled as ``pretrain.compile`` "default" does,
+    against the eager one (inductor's first compilation of BERT-Large takes a minute or more)."""
     cmd = [sys.executable, str(REPO / "bench" / "engine_step.py"), "--data", str(args.data), "--model", args.model,
-           "--micro", str(args.micro), "--accum", str(args.accum), "--out", str(args.out / "engine_step"),
-           "--modes", "bare,zero1,zero2"]
-    cmd += ["--rounds", "2", "--compile", "aot_eager"] if args.device == "cpu" else ["--compile"]
+           "--micro", str(args.micro), "--accum", str(args.accum),
+           "--out", str(args.out / f"engine_step_{'f' if compiled else 'e'}")]
+    cmd += ["--modes", "zero2", "--no-profile", "--compile", "aot_eager" if args.device == "cpu" else "default"] \
+        if compiled else ["--modes", "bare,zero1,zero2"]
+    if args.device == "cpu":
+        cmd += ["--rounds", "2"]
     env = dict(os.environ, MASTER_PORT=str(args.port + 11), PYTHONUNBUFFERED="1")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.stage_timeout + 90, cwd=REPO)
         out, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:  # the eager figures may be out before a slow compilation
-        out = "".join(x.decode() if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr))
+    except subprocess.TimeoutExpired as exc:
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+                      for x in (exc.stdout, exc.stderr))
         rc = "timeout"
-    lines = {x.split(" ", 1)[0]: x.split(" ", 1)[1] for x in out.splitlines()
-             if x.startswith(("ENGINE_STEP ", "ENGINE_COMPILE "))}
-    if "ENGINE_COMPILE" in lines:
-        c = json.loads(lines["ENGINE_COMPILE"])
-        report("e.compile", None, c, f"ZeRO-2 engine compiled ({c['backend']}): {c['speedup']:.2f}x eager, "
-               f"first step {c['first_step_s']:.1f} s")
-    elif "ENGINE_STEP" in lines:
-        report("e.compile", False, {"rc": rc, "log_tail": out[-2500:]}, f"no compiled figure (rc {rc})")
-    if "ENGINE_STEP" not in lines:
-        report("e.engine", False, {"log_tail": out[-2500:]},
+    key = "ENGINE_COMPILE" if compiled else "ENGINE_STEP"
+    line = next((x[len(key) + 1:] for x in out.splitlines() if x.startswith(key + " ")), None)
+    if line is None:
+        report(f"{'f.compile' if compiled else 'e.engine'}", False, {"rc": rc, "log_tail": out[-2500:]},
                f"failed (rc {rc}): {out.strip().splitlines()[-1] if out.strip() else ''}")
         return
-    rec = json.loads(lines["ENGINE_STEP"])
+    rec = json.loads(line)
+    if compiled:
+        rate = rec["samples_per_s"]
+        report("f.compile", None, rec, f"ZeRO-2 engine compiled ({rec['backend']}): {rate['zero2c']:.1f} against "
+               f"{rate['zero2']:.1f} samples/s eager = {rec['speedup']:.2f}x; first step {rec['first_step_s']:.1f} s")
+        return
     state["engine_samples_per_s"] = rec["samples_per_s"]
-    rate = rec["samples_per_s"]
-    report("e.engine", None, rec, ", ".join(f"{m} {v:.1f}" for m, v in rate.items()) + " samples/s; "
+    report("e.engine", None, rec, ", ".join(f"{m} {v:.1f}" for m, v in rec["samples_per_s"].items()) + " samples/s; "
            + "; ".join(f"{m} step {p['wall_ms']:.0f} ms" + (f" (device busy {p['device_busy_ms']:.0f} ms)"
                                                            if p.get("device_busy_ms") else "")
                        for m, p in rec["profiles"].items()))
@@ -623,31 +627,20 @@ def tail(path: Path, n: int = 2500) -> str:
 def stage_d(args, report, state: dict) -> None:
     import torch
 
-    import optim
-    from data_prep import PretrainingDataset
+    from bench.engine_step import Bare, batches
     from pretrain.model import build_model
 
     acc = accelerator()
     dev = torch.device(args.device)
-    ds = PretrainingDataset(args.data / "seq128", max_predictions=20)
     vocab = json.loads((args.data / "seq128" / "manifest.json").read_text())["vocab"]["size"]
-    batches = []
-    for b in range(args.accum * 2):
-        items = [ds[(b * args.micro + i) % len(ds)] for i in range(args.micro)]
-        batches.append({k: torch.stack([it[k] for it in items]).to(dev) for k in items[0]})
-    model = build_model(args.model, vocab, seed=0).to(dev)
-    opt = optim.Lamb(optim.param_groups(model, 0.01), lr=1e-4, variant="nvidia")
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type != "cpu")  # as stage c
+    data = batches(args.data, args.micro, args.accum * 2, dev)
+    bare_loop = Bare(build_model(args.model, vocab, seed=0), dev, bf16=dev.type != "cpu")  # as stage c
+    model = bare_loop.model
     times = []
     for step in range(args.bare_steps + 3):
         acc.synchronize()
         t = time.perf_counter()
-        for i in range(args.accum):
-            with amp:
-                out = model(**batches[(step * args.accum + i) % len(batches)])
-            (out.loss / args.accum).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        bare_loop.step(data[(step % 2) * args.accum:(step % 2 + 1) * args.accum])
         acc.synchronize()
         if step >= 3:
             times.append(time.perf_counter() - t)
@@ -750,7 +743,8 @@ def main() -> int:
                          "micro": args.micro, "accum": args.accum, "steps": args.steps},
            f"{state['device_name']}, torch {torch.__version__}, triton {_version('triton')}")
     stages = {"a": stage_a, "b": stage_b, "o": stage_o, "v": stage_v, "c": lambda a, r: stage_c(a, r, state),
-              "d": lambda a, r: stage_d(a, r, state), "e": lambda a, r: stage_e(a, r, state)}
+              "d": lambda a, r: stage_d(a, r, state), "e": lambda a, r: stage_e(a, r, state),
+              "f": lambda a, r: stage_e(a, r, state, compiled=True)}
     failed = False
 
     def too_long(_signum, _frame):
@@ -759,7 +753,7 @@ def main() -> int:
     signal.signal(signal.SIGALRM, too_long)
     for s in args.stages.split(","):
         try:
-            signal.alarm(0 if s.strip() == "c" else args.stage_timeout + (120 if s.strip() == "e" else 0))
+            signal.alarm(0 if s.strip() == "c" else args.stage_timeout + (120 if s.strip() in "ef" else 0))
             stages[s.strip()](args, report)
         except Exception as exc:  # noqa: BLE001 - report the failure and go on to the next stage
             import traceback

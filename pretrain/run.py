@@ -232,7 +232,8 @@ def main(argv=None) -> int:
               f"global batch {glob} = {micro} x {accum} accumulation x {world} ranks, "
               f"steps {progress['step']}->{cfg.max_steps}"
               + (f", resumed from {client['_tag']}" if resuming else "")
-              + (f", initialised from {cfg.init_checkpoint} ({init_kind})" if init_kind else ""), flush=True)
+              + (f", initialised from {cfg.init_checkpoint} ({init_kind})" if init_kind else "")
+              + (f", model compiled ({cfg.compile})" if engine.is_compiled else ""), flush=True)
 
     peak = cfg.peak_tflops or peak_tflops(device_name(), precision)
     run = TrainingRun(args, cfg, engine, stream, val_ds, output, progress, fp, model_meta,

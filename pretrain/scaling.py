@@ -392,9 +392,10 @@ def plot(results: list[dict], out: Path, target: float, prediction: Optional[dic
                       if o == opt and r["steps_to_target"] is not None)
         if hits:
             a2.plot([b for b, _ in hits], [s for _, s in hits], marker="o", color=colour[opt], label=opt)
-        # Batches where no run of this optimizer reached the target: its steps are a lower bound.
-        short = sorted((b, r["steps"]) for (o, b), r in best.items()
-                       if o == opt and (o, b) not in {k for k, x in fastest.items() if x["steps_to_target"] is not None})
+        # Batches where no run of this optimizer reached the target: the steps it ran are a lower bound.
+        reached = {k for k, x in fastest.items() if x["steps_to_target"] is not None}
+        short = sorted((b, r["evals"][-1]["step"] if r["evals"] else r["steps"]) for (o, b), r in best.items()
+                       if o == opt and (o, b) not in reached)
         if short:
             a2.scatter([b for b, _ in short], [s for _, s in short], marker="^", facecolors="none",
                        edgecolors=colour[opt], label=f"{opt}: not reached in its steps")

@@ -83,7 +83,7 @@ def test_overlay_on_a_scaling_study(tmp_path):
     assert (grid / "scaling.png").stat().st_size > 0
 
 
-def test_the_study_keeps_the_overlay_as_runs_are_added(tmp_path):
+def test_the_study_keeps_the_overlay_as_runs_are_added(tmp_path, monkeypatch):
     """The grid rewrites its plots after every run: the prediction kept in a run dir (for the same
     target) stays on them, and no temporary file is left beside the outputs."""
     grid = tmp_path / "grid"
@@ -101,4 +101,8 @@ def test_the_study_keeps_the_overlay_as_runs_are_added(tmp_path):
     assert scaling.overlay_prediction(results, grid, 6.0) is None  # another target: not this study's
     scaling.write_outputs(results, grid, 5.0)
     assert (grid / "scaling.png").stat().st_size > 0 and (grid / "results.csv").read_text().count("\n") == 3
+    drawn = []
+    monkeypatch.setattr(scaling, "plot", lambda *a, prediction=None, **k: drawn.append(prediction))
+    scaling.write_outputs(results, grid, 5.0)
+    assert drawn == [p]
     assert not [f for f in grid.iterdir() if ".tmp" in f.name]
