@@ -337,10 +337,54 @@ def write_outputs(results: list[dict], out: Path, target: float, unigram: Option
     write_json(out / "summary.json", {"target_loss": target, "unigram_entropy": unigram, "runs": summary,
                                       "scaling": scaling_summary(results)})
     write_json(out / "results.json", results, indent=None)  # what plot() needs, for --predict's overlay
+    prediction = overlay_prediction(results, out, target)
+    write_text(out / "comparison.md", comparison_table(results, target, unigram, prediction))
     try:
-        plot(results, out, target, prediction=overlay_prediction(results, out, target))
+        plot(results, out, target, prediction=prediction)
     except ImportError:
         print("scaling: matplotlib is not installed; no plots", file=sys.stderr)
+
+
+def comparison_table(results: list[dict], target: float, unigram: Optional[float] = None,
+                     prediction: Optional[dict] = None) -> str:
+    """Markdown: per batch, each optimizer's best run over its lr search (by final held-out loss:
+    lr multiplier, final loss, steps to the target or the steps it ran without reaching it, the
+    spread over the other seeds where repeated, and "edge" when the best lr is the highest or
+    lowest tried), and the steps the noise-scale prediction asks for."""
+    best = best_per_batch(results)
+    fastest = best_per_batch(results, by="target")
+    opts = sorted({o for o, _ in best})
+    predicted = {b["batch"]: b for b in (prediction or {}).get("batches", [])}
+    head = ["batch"] + opts + (["predicted steps (band)"] if prediction else [])
+    lines = ["Best run per optimizer and batch over the lr search (lowest final held-out loss"
+             + (f"; unigram entropy {unigram:.3f}" if unigram is not None else "") + f"), and its steps to "
+             f"held-out loss {target} (fastest run over the search; `>N`: not reached in N steps).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for batch in sorted({b for _, b in best}):
+        row = [f"{batch:,}"]
+        for opt in opts:
+            r = best.get((opt, batch))
+            if r is None:
+                row.append("")
+                continue
+            tried = sorted({x["lr_multiplier"] for x in results if x["optimizer"] == opt and x["batch"] == batch
+                            and not x.get("seed_offset", 0)})
+            edge = " edge" if len(tried) > 1 and r["lr_multiplier"] in (tried[0], tried[-1]) else ""
+            seeds = [_final(x) for x in results if x["optimizer"] == opt and x["batch"] == batch
+                     and x["lr_multiplier"] == r["lr_multiplier"] and x.get("seed_offset", 0)]
+            spread = f" (seeds {', '.join(f'{v:.3f}' for v in seeds)})" if seeds else ""
+            f = fastest.get((opt, batch))
+            if f is not None and f["steps_to_target"] is not None:
+                steps = f"{f['steps_to_target']:,.0f} steps"
+            else:
+                steps = f">{r['evals'][-1]['step'] if r['evals'] else r['steps']:,} steps"
+            row.append(f"×{r['lr_multiplier']:.3g}{edge} of {len(tried)}: {_final(r):.3f}{spread}, {steps}")
+        if prediction:
+            p = predicted.get(batch)
+            row.append(f"{p['steps']:,.0f} ({min(p['steps_low_noise'], p['steps_high_noise']):,.0f}–"
+                       f"{max(p['steps_low_noise'], p['steps_high_noise']):,.0f})" if p else "")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def overlay_prediction(results: list[dict], out: Path, target: float) -> Optional[dict]:

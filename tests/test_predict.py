@@ -106,3 +106,6 @@ def test_the_study_keeps_the_overlay_as_runs_are_added(tmp_path, monkeypatch):
     scaling.write_outputs(results, grid, 5.0)
     assert drawn == [p]
     assert not [f for f in grid.iterdir() if ".tmp" in f.name]
+    table = (grid / "comparison.md").read_text().splitlines()
+    assert "| 64 | ×1 of 1: 6.000, 300 steps | 769 (290–320) |" in table  # 300 (1 + 100/64) = 768.75
+    assert "| 256 | ×1 of 1: 6.000, 75 steps | 417 (290–320) |" in table
