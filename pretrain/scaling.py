@@ -300,6 +300,8 @@ def scaling_summary(results: list[dict]) -> dict[str, list[dict]]:
     that took relative to the smallest batch: 1.0 is perfect linear scaling (k times the batch,
     1/k the steps), k means the larger batch bought no step reduction at all."""
     best = best_per_batch(results, by="target")
+    by_final = best_per_batch(results)
+    best = {k: (r if r["steps_to_target"] is not None else by_final[k]) for k, r in best.items()}  # none reached
     out: dict[str, list[dict]] = {}
     for opt in sorted({o for o, _ in best}):
         rows = sorted((b, r) for (o, b), r in best.items() if o == opt)
