@@ -290,6 +290,24 @@ def best_per_batch(results: list[dict], by: str = "final") -> dict[tuple[str, in
     return best
 
 
+def best_for_target(results: list[dict]) -> dict[tuple[str, int], dict]:
+    """Per (optimizer, batch): the fastest run to the target; where none reached it, the lowest final loss."""
+    by_final = best_per_batch(results)
+    return {k: (r if r["steps_to_target"] is not None else by_final[k])
+            for k, r in best_per_batch(results, by="target").items()}
+
+
+def tried_multipliers(results: list[dict], opt: str, batch: int) -> list[float]:
+    """The lr multipliers searched for (opt, batch), repeats with another seed left out."""
+    return sorted({x.get("lr_multiplier", 1.0) for x in results if x["optimizer"] == opt and x["batch"] == batch
+                   and not x.get("seed_offset", 0)})
+
+
+def steps_run(r: dict) -> int:
+    """The steps a run did (fewer than planned if it stopped early), a lower bound where it missed the target."""
+    return r["evals"][-1]["step"] if r["evals"] else r["steps"]
+
+
 def _final(r: dict) -> float:
     v = r["final_loss"]
     return v if v == v else math.inf  # NaN (diverged) sorts last
@@ -299,9 +317,7 @@ def scaling_summary(results: list[dict]) -> dict[str, list[dict]]:
     """Per optimizer and batch, the fewest steps to the target over the lr search, and the samples
     that took relative to the smallest batch: 1.0 is perfect linear scaling (k times the batch,
     1/k the steps), k means the larger batch bought no step reduction at all."""
-    best = best_per_batch(results, by="target")
-    by_final = best_per_batch(results)
-    best = {k: (r if r["steps_to_target"] is not None else by_final[k]) for k, r in best.items()}  # none reached
+    best = best_for_target(results)
     out: dict[str, list[dict]] = {}
     for opt in sorted({o for o, _ in best}):
         rows = sorted((b, r) for (o, b), r in best.items() if o == opt)
@@ -309,8 +325,7 @@ def scaling_summary(results: list[dict]) -> dict[str, list[dict]]:
         out[opt] = []
         for b, r in rows:
             mult = r.get("lr_multiplier", 1.0)
-            tried = sorted(x.get("lr_multiplier", 1.0) for x in results
-                           if x["optimizer"] == opt and x["batch"] == b and not x.get("seed_offset", 0))
+            tried = tried_multipliers(results, opt, b)
             repeats = [x["steps_to_target"] for x in results if x["optimizer"] == opt and x["batch"] == b
                        and x.get("lr_multiplier", 1.0) == mult and x.get("seed_offset", 0)]
             out[opt].append({
@@ -369,8 +384,7 @@ def comparison_table(results: list[dict], target: float, unigram: Optional[float
             if r is None:
                 row.append("")
                 continue
-            tried = sorted({x["lr_multiplier"] for x in results if x["optimizer"] == opt and x["batch"] == batch
-                            and not x.get("seed_offset", 0)})
+            tried = tried_multipliers(results, opt, batch)
             edge = " edge" if len(tried) > 1 and r["lr_multiplier"] in (tried[0], tried[-1]) else ""
             seeds = [_final(x) for x in results if x["optimizer"] == opt and x["batch"] == batch
                      and x["lr_multiplier"] == r["lr_multiplier"] and x.get("seed_offset", 0)]
@@ -379,7 +393,7 @@ def comparison_table(results: list[dict], target: float, unigram: Optional[float
             if f is not None and f["steps_to_target"] is not None:
                 steps = f"{f['steps_to_target']:,.0f} steps"
             else:
-                steps = f">{r['evals'][-1]['step'] if r['evals'] else r['steps']:,} steps"
+                steps = f">{steps_run(r):,} steps"
             row.append(f"×{r['lr_multiplier']:.3g}{edge} of {len(tried)}: {_final(r):.3f}{spread}, {steps}")
         if prediction:
             p = predicted.get(batch)
@@ -433,15 +447,13 @@ def plot(results: list[dict], out: Path, target: float, prediction: Optional[dic
         rows = sorted((b, r) for (o, b), r in best.items() if o == opt)
         a1.plot([b for b, _ in rows], [_final(r) for _, r in rows], marker="o", color=colour[opt], label=opt)
     fastest = best_per_batch(results, by="target")
+    reached = {k for k, x in fastest.items() if x["steps_to_target"] is not None}
     for opt in opts:
-        hits = sorted((b, r["steps_to_target"]) for (o, b), r in fastest.items()
-                      if o == opt and r["steps_to_target"] is not None)
+        hits = sorted((b, fastest[(o, b)]["steps_to_target"]) for (o, b) in reached if o == opt)
         if hits:
             a2.plot([b for b, _ in hits], [s for _, s in hits], marker="o", color=colour[opt], label=opt)
         # Batches where no run of this optimizer reached the target: the steps it ran are a lower bound.
-        reached = {k for k, x in fastest.items() if x["steps_to_target"] is not None}
-        short = sorted((b, r["evals"][-1]["step"] if r["evals"] else r["steps"]) for (o, b), r in best.items()
-                       if o == opt and (o, b) not in reached)
+        short = sorted((b, steps_run(r)) for (o, b), r in best.items() if o == opt and (o, b) not in reached)
         if short:
             a2.scatter([b for b, _ in short], [s for _, s in short], marker="^", facecolors="none",
                        edgecolors=colour[opt], label=f"{opt}: not reached in its steps")
@@ -507,11 +519,8 @@ def edge_specs(args, results: list[dict]) -> list[RunSpec]:
         return []
     step = mults[-1] / mults[-2]
     out = []
-    for (opt, batch), r in best_per_batch(results, by="target").items():
-        if r["steps_to_target"] is None:
-            r = best_per_batch(results)[(opt, batch)]
-        tried = sorted({x["lr_multiplier"] for x in results if x["optimizer"] == opt and x["batch"] == batch
-                        and not x.get("seed_offset", 0)})
+    for (opt, batch), r in best_for_target(results).items():
+        tried = tried_multipliers(results, opt, batch)
         if len(tried) < 2 or r["lr_multiplier"] not in (tried[0], tried[-1]):
             continue
         new = tried[-1] * step if r["lr_multiplier"] == tried[-1] else tried[0] / step
