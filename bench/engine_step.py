@@ -14,7 +14,12 @@ in one process, batches already on the device:
   zero1     the same at ZeRO stage 1 (the shipped ``lamb_64k.json``)
   zero2     the same at ZeRO stage 2 (gpu_check stage c)
 
-then ``torch.profiler`` over one step of ``bare`` and of ``zero2``: the device time by kernel
+An engine mode may carry DeepSpeed config overrides, timed beside it: ``zero2+bf16.check_grad_overflow=true``
+(dotted keys, JSON values). On the H100 (2026-11-27) DeepSpeed's bf16 gradient scan, on by default and
+off in the shipped configs, was the largest engine cost: ZeRO-2 692.9 samples/s with it, 855.1
+without, bare loop 1,111.9 (record: docs/gpu/run4_metrics/engine_step_variants.json).
+
+then ``torch.profiler`` over one step of each mode in ``--profile`` (default ``bare`` and ``zero2``): the device time by kernel
 (top kernels), host time, and a Chrome trace of each in OUT. zero2 against run.py's figure
 (gpu_check stage c) is what the loop and the data path cost; bare against zero0/1/2 what the
 engine costs. Prints a table and one JSON line (``ENGINE_STEP {...}``).
@@ -40,14 +45,41 @@ sys.path.insert(0, str(REPO))
 MODES = ("bare", "zero0", "zero1", "zero2")
 
 
+def parse_mode(mode: str) -> tuple[str, dict]:
+    """``zero2+bf16.check_grad_overflow=false`` -> ("zero2", {"bf16.check_grad_overflow": False}):
+    a mode, then DeepSpeed config overrides (dotted keys, JSON values) to time beside it."""
+    base, *sets = mode.split("+")
+    if base not in MODES or (base == "bare" and sets):
+        raise ValueError(f"--modes: {mode!r}: a mode is one of {', '.join(MODES)}, an engine mode "
+                         f"optionally followed by +dotted.key=json_value overrides")
+    overrides = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--modes: {mode!r}: override {item!r} is not key=value")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"--modes: {mode!r}: {value!r} is not a JSON value") from None
+    return base, overrides
+
+
 def engine_config(mode: str, micro: int, accum: int, bf16: bool) -> dict:
+    base, overrides = parse_mode(mode)
     cfg = json.loads((REPO / "ds_configs" / "lamb_64k.json").read_text())
+    shipped_bf16 = cfg.get("bf16") or {}  # its other keys (check_grad_overflow) as shipped
     for key in ("_comment", "pretrain", "scheduler", "fp16", "bf16"):
         cfg.pop(key, None)
     cfg.update(train_batch_size=micro * accum, train_micro_batch_size_per_gpu=micro,
-               gradient_accumulation_steps=accum, zero_optimization={"stage": int(mode[-1])},
-               steps_per_print=10**9, bf16={"enabled": bf16})
+               gradient_accumulation_steps=accum, zero_optimization={"stage": int(base[-1])},
+               steps_per_print=10**9, bf16={**shipped_bf16, "enabled": bf16})
     cfg["optimizer"]["params"]["lr"] = 1e-4
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     return cfg
 
 
@@ -135,7 +167,10 @@ def main(argv=None) -> int:
     ap.add_argument("--micro", type=int, default=None)
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds of every mode (after one warm-up)")
-    ap.add_argument("--modes", default="bare,zero0,zero1,zero2")
+    ap.add_argument("--modes", default="bare,zero0,zero1,zero2",
+                    help="comma-separated; an engine mode may carry config overrides, "
+                         "e.g. zero2+bf16.check_grad_overflow=false")
+    ap.add_argument("--profile", default="bare,zero2", help="modes profiled for one step each")
     ap.add_argument("--top", type=int, default=12, help="kernels listed per profile")
     ap.add_argument("--out", type=Path, default=Path("engine_step_out"))
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="BACKEND",
@@ -143,8 +178,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-profile", action="store_true", help="skip the profiles")
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or set(modes) - set(MODES):
+    if not modes:
         ap.error(f"--modes: choose among {', '.join(MODES)}, got {args.modes!r}")
+    try:
+        for m in modes:
+            parse_mode(m)
+    except ValueError as exc:
+        ap.error(str(exc))
+    profiled = [m.strip() for m in args.profile.split(",") if m.strip()]
     if args.compile and "zero2" not in modes:
         ap.error("--compile compares against the zero2 mode: include it in --modes")
     if args.compile:
@@ -194,13 +235,15 @@ def main(argv=None) -> int:
     glob = args.micro * args.accum
     rate = {m: glob / statistics.median(v) for m, v in times.items()}
     mem = acc.max_memory_allocated() / 2**30 if device.type != "cpu" else None
-    profiles = {m: profile(runners[m], data[:args.accum], device, args.out / f"trace_{m}.json", args.top)
-                for m in ("bare", "zero2") if m in runners and not args.no_profile}
+    profiles = {m: profile(runners[m], data[:args.accum], device, args.out / f"trace_{m if '+' not in m else f'{i}_' + m.split('+')[0]}.json",
+                           args.top)
+                for i, m in enumerate(modes) if m in profiled and not args.no_profile}
     ref = rate.get("bare")
-    print(f"{'mode':<7} {'samples/s':>10} {'x bare':>7}  (median of {args.rounds} interleaved rounds, "
+    width = max(7, *map(len, modes))
+    print(f"{'mode':<{width}} {'samples/s':>10} {'x bare':>7}  (median of {args.rounds} interleaved rounds, "
           f"batch {glob} = {args.micro} x {args.accum}, {args.model}, {'bf16' if bf16 else 'fp32'}, {device.type})")
     for m in modes:
-        print(f"{m:<7} {rate[m]:>10.1f} {rate[m] / ref if ref else float('nan'):>7.2f}")
+        print(f"{m:<{width}} {rate[m]:>10.1f} {rate[m] / ref if ref else float('nan'):>7.2f}")
     for m, p in profiles.items():
         busy = f", device busy {p['device_busy_ms']:.1f} ms" if p["device_busy_ms"] is not None else ""
         print(f"profile {m}: one step {p['wall_ms']:.1f} ms wall{busy}; top: "

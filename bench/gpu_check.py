@@ -409,12 +409,12 @@ def run_config(args, out: Path, precision: str) -> Path:
     cfg = json.loads((REPO / "ds_configs" / "lamb_64k.json").read_text())
     cfg.pop("_comment", None)
     cfg.pop("fp16", None)
-    cfg.pop("bf16", None)
+    bf16 = cfg.pop("bf16", None) or {}  # the shipped block's other keys (check_grad_overflow) kept
     if precision == "fp16":
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                        "hysteresis": 2, "min_loss_scale": 1}
     elif precision == "auto":  # as the shipped GPU configs: bf16 where the GPU has it
-        cfg["bf16"] = {"enabled": "auto"}
+        cfg["bf16"] = {**bf16, "enabled": "auto"}
         cfg["fp16"] = {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16}
     cfg["train_batch_size"] = args.micro * args.accum
     cfg["train_micro_batch_size_per_gpu"] = args.micro

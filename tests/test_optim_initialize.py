@@ -94,3 +94,32 @@ def test_deepspeed_own_optimizer_passes_through():
     assert isinstance(engine.basic_optimizer, torch.optim.SGD)  # ours (registered), same class
     engine, *_ = optim.initialize(model=model(), config=config({"type": "Adagrad", "params": {"lr": 0.1}}))
     assert type(engine.basic_optimizer).__name__ == "Adagrad"
+
+
+def test_a_nan_gradient_with_a_finite_loss_is_applied_by_deepspeed_and_stops_the_accountant():
+    """Why run.py checks the gradient norm: with bf16.check_grad_overflow off (the shipped
+    configs), DeepSpeed's bf16 ZeRO optimizer applies a step whose gradients hold NaN (in fp32 it
+    skips it); its global gradient norm says so, and the step accountant stops the run on it."""
+    from pretrain.steps import StepAccountant, TrainingDiverged
+
+    net = model()
+    engine, *_ = optim.initialize(model=net, config=config(
+        {"type": "Lamb", "params": {"lr": 1e-2, "variant": "nvidia"}}, zero_optimization={"stage": 1},
+        bf16={"enabled": True, "check_grad_overflow": False}))
+    acct = StepAccountant(engine, torch.device("cpu"), lag=0)
+    poison = {"on": False}
+    net[0].weight.register_hook(lambda g: g * float("nan") if poison["on"] else g)
+    g = torch.Generator().manual_seed(0)
+    for step in range(2):
+        poison["on"] = step == 1
+        x, y = torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g)
+        loss = nn.functional.mse_loss(engine(x.bfloat16()).float(), y)
+        assert torch.isfinite(loss)
+        engine.backward(loss)
+        engine.step()
+        if step == 0:
+            assert not acct.end_step(False).stop
+    assert not torch.isfinite(torch.as_tensor(engine.get_global_grad_norm())).all()
+    assert not all(torch.isfinite(p).all() for p in engine.module.parameters())  # applied, not skipped
+    with pytest.raises(TrainingDiverged, match="gradient norm"):
+        acct.end_step(False)

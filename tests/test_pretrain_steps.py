@@ -97,6 +97,40 @@ def test_bf16_non_finite_loss_in_any_micro_batch_stops(lag):
     assert engine.calls == 2 + lag  # noticed lag steps later
 
 
+class NormReportingEngine(StandInEngine):
+    """bf16/fp32 engine that reports a global gradient norm per step, as DeepSpeed's
+    ``get_global_grad_norm`` does: a tensor (ZeRO), a float, or None (not computed)."""
+
+    def __init__(self, norms):
+        super().__init__(fp16=False)
+        self.norms = list(norms)
+
+    def get_global_grad_norm(self):
+        return self.norms[self.calls - 1]
+
+
+@pytest.mark.parametrize("lag", [0, 1])
+@pytest.mark.parametrize("kind", ["tensor", "float"])
+def test_bf16_non_finite_gradient_norm_stops_although_the_loss_is_finite(lag, kind):
+    wrap = (lambda x: torch.tensor(x)) if kind == "tensor" else float
+    engine = NormReportingEngine([wrap(1.5), None, wrap(float("inf")), wrap(2.0), wrap(2.0), wrap(2.0)])
+    acct = StepAccountant(engine, torch.device("cpu"), lag=lag)
+    run_steps(acct, engine, [[3.0], [3.0]])  # a finite norm, then none computed: both fine
+    with pytest.raises(TrainingDiverged, match="non-finite loss or gradient norm"):
+        run_steps(acct, engine, [[2.0], [2.0], [2.0], [2.0]])
+    assert engine.calls == 3 + lag
+
+
+def test_a_checkpoint_flush_sees_the_non_finite_gradient_norm_of_the_step_just_done():
+    # run.py reads every flag before it saves: the step that made the weights NaN is caught
+    # before its checkpoint is written, also with the flags read one step late.
+    engine = NormReportingEngine([torch.tensor(1.0), torch.tensor(float("nan"))])
+    acct = StepAccountant(engine, torch.device("cpu"), lag=1)
+    run_steps(acct, engine, [[3.0], [3.0]])
+    with pytest.raises(TrainingDiverged, match="gradient norm"):
+        acct.flush()
+
+
 def test_a_stop_request_lands_lag_steps_later_and_flush_reads_the_rest():
     engine = StandInEngine(fp16=False)
     acct = StepAccountant(engine, torch.device("cpu"), lag=1)
