@@ -64,6 +64,11 @@ def parse_mode(mode: str) -> tuple[str, dict]:
     return base, overrides
 
 
+def trace_name(index: int, mode: str) -> str:
+    """``trace_zero2.json``; a mode with overrides by its position: ``trace_3_zero2.json``."""
+    return f"trace_{mode}.json" if "+" not in mode else f"trace_{index}_{mode.split('+')[0]}.json"
+
+
 def engine_config(mode: str, micro: int, accum: int, bf16: bool) -> dict:
     base, overrides = parse_mode(mode)
     cfg = json.loads((REPO / "ds_configs" / "lamb_64k.json").read_text())
@@ -235,8 +240,7 @@ def main(argv=None) -> int:
     glob = args.micro * args.accum
     rate = {m: glob / statistics.median(v) for m, v in times.items()}
     mem = acc.max_memory_allocated() / 2**30 if device.type != "cpu" else None
-    profiles = {m: profile(runners[m], data[:args.accum], device, args.out / f"trace_{m if '+' not in m else f'{i}_' + m.split('+')[0]}.json",
-                           args.top)
+    profiles = {m: profile(runners[m], data[:args.accum], device, args.out / trace_name(i, m), args.top)
                 for i, m in enumerate(modes) if m in profiled and not args.no_profile}
     ref = rate.get("bare")
     width = max(7, *map(len, modes))
