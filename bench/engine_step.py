@@ -15,7 +15,8 @@ in one process, batches already on the device:
   zero2     the same at ZeRO stage 2 (gpu_check stage c)
 
 An engine mode may carry DeepSpeed config overrides, timed beside it: ``zero2+bf16.check_grad_overflow=true``
-(dotted keys, JSON values). On the H100 (2026-11-27) DeepSpeed's bf16 gradient scan, on by default and
+(dotted keys, JSON values; bf16 ``zero0`` runs DeepSpeed's unfused mixed-precision wrapper, which
+always scans for overflow). On the H100 (2026-11-27) DeepSpeed's bf16 gradient scan, on by default and
 off in the shipped configs, was the largest engine cost: ZeRO-2 692.9 samples/s with it, 855.1
 without, bare loop 1,111.9 (record: docs/gpu/run4_metrics/engine_step_variants.json).
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -48,7 +50,10 @@ MODES = ("bare", "zero0", "zero1", "zero2")
 def parse_mode(mode: str) -> tuple[str, dict]:
     """``zero2+bf16.check_grad_overflow=false`` -> ("zero2", {"bf16.check_grad_overflow": False}):
     a mode, then DeepSpeed config overrides (dotted keys, JSON values) to time beside it."""
-    base, *sets = mode.split("+")
+    base, *sets = re.split(r"\+(?=[A-Za-z_][\w.]*=)", mode)  # a '+' inside a value (5e+8) stays
+    head, plus, rest = base.partition("+")
+    if plus and head in MODES:
+        raise ValueError(f"--modes: {mode!r}: override {rest!r} is not key=value")
     if base not in MODES or (base == "bare" and sets):
         raise ValueError(f"--modes: {mode!r}: a mode is one of {', '.join(MODES)}, an engine mode "
                          f"optionally followed by +dotted.key=json_value overrides")
@@ -84,6 +89,8 @@ def engine_config(mode: str, micro: int, accum: int, bf16: bool) -> dict:
         node = cfg
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--modes: {mode!r}: {part} in {key} is not an object in the config")
         node[leaf] = value
     return cfg
 
@@ -191,6 +198,8 @@ def main(argv=None) -> int:
     except ValueError as exc:
         ap.error(str(exc))
     profiled = [m.strip() for m in args.profile.split(",") if m.strip()]
+    if set(profiled) - set(modes):
+        ap.error(f"--profile: {sorted(set(profiled) - set(modes))} not among --modes")
     if args.compile and "zero2" not in modes:
         ap.error("--compile compares against the zero2 mode: include it in --modes")
     if args.compile:

@@ -3,6 +3,10 @@
     import optim
     engine, optimizer, _, scheduler = optim.initialize(model=model, config="ds_configs/lamb_64k.json")
 
+(the shipped configs leave bf16 inf/NaN gradients to pretrain/run.py's step accounting,
+``bf16.check_grad_overflow: false``: a loop of your own should set it to true, or check
+``engine.get_global_grad_norm()`` after each step)
+
 or, without DeepSpeed::
 
     opt = optim.Lamb(optim.param_groups(model, weight_decay=0.01), lr=6e-3, variant="nvidia")

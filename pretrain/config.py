@@ -150,6 +150,7 @@ def load(path: str | Path, overrides: Optional[dict[str, Any]] = None,
                 ds.pop("gradient_accumulation_steps", None)  # re-derived from the other two
     cfg = PretrainConfig(**block)
     cfg.validate(str(path))
+    check_nonfinite_guard(ds, str(path))
     sched = ds.get("scheduler")
     if isinstance(sched, dict):
         params = sched.setdefault("params", {})
@@ -158,6 +159,18 @@ def load(path: str | Path, overrides: Optional[dict[str, Any]] = None,
                               f"differs from pretrain.max_steps ({cfg.max_steps}); remove it, it is filled in")
         params["total_num_steps"] = cfg.max_steps
     return ds, cfg
+
+
+def check_nonfinite_guard(ds: dict, source: str) -> None:
+    """Something must notice inf/NaN gradients in bf16: DeepSpeed's per-tensor scan
+    (``bf16.check_grad_overflow``) or run.py's check of the global gradient norm, which ZeRO
+    computes unless ``zero_optimization.compute_grad_norm`` is false."""
+    bf16, zero = ds.get("bf16"), ds.get("zero_optimization")
+    if not isinstance(bf16, dict) or bf16.get("enabled", False) is False or not isinstance(zero, dict):
+        return
+    if bf16.get("check_grad_overflow", True) is False and zero.get("compute_grad_norm", True) is False:
+        raise ConfigError(f"{source}: bf16.check_grad_overflow and zero_optimization.compute_grad_norm are both "
+                          "false: nothing would notice inf/NaN gradients; set one of them to true")
 
 
 def resolve_batch(ds: dict, world_size: int, source: str) -> tuple[int, int, int]:

@@ -66,10 +66,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+# Inside RESUME_KEYS, settings that decide what happens to a bad step, not what is trained: a
+# resumed run may change them (and runs saved before a config gained them still resume).
+NOT_FINGERPRINTED = {"bf16": ("check_grad_overflow",), "fp16": ()}
+
+
 def fingerprint(ds_cfg: dict, cfg, manifest: dict) -> dict:
     flat = dict(ds_cfg, **{f"pretrain.{k}": v for k, v in asdict(cfg).items()})
     flat["data.build_id"] = manifest.get("build_id")
     picked = {k: flat.get(k) for k in RESUME_KEYS}
+    for key, loose in NOT_FINGERPRINTED.items():
+        if isinstance(picked.get(key), dict):
+            picked[key] = {k: v for k, v in picked[key].items() if k not in loose}
     picked["hash"] = hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return picked
 
@@ -334,7 +342,7 @@ class TrainingRun:
                               f"{self.acct.loss_scale():g}, {p['skipped']} skipped so far)", flush=True)
                 step, stopping = p["step"], outcome.stop
                 if outcome.applied and step == cfg.max_steps:
-                    stopping |= self.acct.flush()  # the run's last flags: non-finite losses stop it here
+                    stopping |= self.acct.flush()  # the run's last flags: a non-finite loss or norm stops it here
                 if outcome.applied and (step % cfg.log_every == 0 or step == cfg.max_steps) or stopping:
                     self.log()
                 if outcome.applied and self.val_ds is not None and cfg.eval_every and step % cfg.eval_every == 0 \
@@ -342,8 +350,9 @@ class TrainingRun:
                     self.evaluate()
                 if stopping or outcome.applied and (cfg.checkpoint_every and step % cfg.checkpoint_every == 0
                                                     or step == cfg.max_steps):
-                    # Every step's flags read first: a checkpoint of diverged weights would be
-                    # marked complete and could prune the good ones (one sync per checkpoint).
+                    # Every step's flags (non-finite loss or gradient norm) read first: a checkpoint of
+                    # diverged weights would be marked complete and could prune the good ones (one sync
+                    # per checkpoint).
                     stopping |= self.acct.flush()
                     self.save()
                     last_saved = step

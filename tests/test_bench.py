@@ -37,3 +37,10 @@ def test_a_plain_mode_is_the_shipped_config_at_its_stage():
 def test_a_bad_mode_is_named(mode, message):
     with pytest.raises(ValueError, match=message):
         engine_step.parse_mode(mode)
+
+
+def test_a_plus_inside_a_value_is_part_of_it():
+    assert engine_step.parse_mode("zero2+zero_optimization.reduce_bucket_size=5e+8+bf16.enabled=true") == \
+        ("zero2", {"zero_optimization.reduce_bucket_size": 5e8, "bf16.enabled": True})
+    with pytest.raises(ValueError, match="train_batch_size in train_batch_size.x is not an object"):
+        engine_step.engine_config("zero2+train_batch_size.x=1", micro=8, accum=2, bf16=True)

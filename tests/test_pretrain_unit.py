@@ -44,12 +44,26 @@ def test_set_assignments(tmp_path):
     (lambda c: c["pretrain"].pop("data"), "pretrain.data is not set"),
     (lambda c: c["pretrain"].update(init_optimizer_state="maybe"), "init_optimizer_state must be one of"),
     (lambda c: c["scheduler"]["params"].update(total_num_steps=10), "total_num_steps \\(10\\) differs from pretrain.max_steps"),
+    (lambda c: c.update(bf16={"enabled": "auto", "check_grad_overflow": False},
+                        zero_optimization={"stage": 1, "compute_grad_norm": False}),
+     "bf16.check_grad_overflow and zero_optimization.compute_grad_norm are both false"),
 ])
 def test_config_errors_name_the_key(tmp_path, mutate, msg):
     cfg = json.loads(json.dumps(BASE))
     mutate(cfg)
     with pytest.raises(config_mod.ConfigError, match=msg):
         config_mod.load(write(tmp_path, cfg))
+
+
+def test_resume_fingerprint_ignores_how_bad_steps_are_caught(tmp_path):
+    # A run saved before the configs set bf16.check_grad_overflow resumes with them; a change of
+    # precision is still a different run.
+    from pretrain.run import fingerprint
+
+    ds, cfg = config_mod.load(write(tmp_path, dict(BASE, bf16={"enabled": True})))
+    before = fingerprint(ds, cfg, {"build_id": "b"})["hash"]
+    assert fingerprint(dict(ds, bf16={"enabled": True, "check_grad_overflow": False}), cfg, {"build_id": "b"})["hash"] == before
+    assert fingerprint(dict(ds, bf16={"enabled": False}), cfg, {"build_id": "b"})["hash"] != before
 
 
 def test_invalid_json_names_file_and_line(tmp_path):
