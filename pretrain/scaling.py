@@ -404,9 +404,14 @@ def comparison_table(results: list[dict], target: float, unigram: Optional[float
 
 
 def overlay_prediction(results: list[dict], out: Path, target: float) -> Optional[dict]:
-    """The ``--predict`` result kept in one of the study's run dirs (that of the smallest batch
-    if several), for the same target loss: the plot keeps its overlay as runs are added."""
-    for r in sorted(results, key=lambda r: (r["batch"], r["name"])):
+    """The ``--predict`` result kept in one of the study's run dirs, for the same target loss: the
+    plot keeps its overlay as runs are added. Of several, the smallest batch's, and there the run
+    fastest to the target (the best-tuned lr: a prediction scales its run's own step count)."""
+    def key(r):
+        steps = r.get("steps_to_target")
+        return r["batch"], steps if steps is not None else math.inf, r["name"]
+
+    for r in sorted(results, key=key):
         f = out / r["name"] / "prediction.json"
         if f.is_file():
             try:

@@ -240,3 +240,19 @@ def test_every_step_has_two_micro_batches_to_measure_the_noise_scale(tmp_path):
     assert scaling.make_spec(args, "lamb", 1024, 1.0).micro_batch == 64
     args.np = 2  # two ranks are two micro-batches already
     assert scaling.make_spec(args, "lamb", 32, 1.0).micro_batch == 16
+
+
+def test_the_plot_overlays_the_prediction_of_the_best_tuned_small_batch_run(tmp_path):
+    # A prediction scales its run's own step count: of two at the smallest batch, the run that
+    # reached the target first (its lr the better tuned) is the one overlaid.
+    results = [fake_result("lamb", 32, 1e-3, [(1000, 5.0), (2000, 4.0)]),   # 4.5 at 1500 samples
+               fake_result("lamb", 32, 3e-3, [(1000, 4.6), (2000, 4.2)]),   # 4.5 at 1250: faster
+               fake_result("lamb", 64, 3e-3, [(2000, 4.0)])]
+    for r, name in zip(results, ("lamb_b32_lrx1", "lamb_b32_lrx3", "lamb_b64_lrx1")):
+        r["name"] = name
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "prediction.json").write_text(json.dumps({"target_loss": 4.5, "run": name}))
+    (tmp_path / "lamb_b32_lrx3" / "prediction.json").write_text(json.dumps({"target_loss": 5.0, "run": "other"}))
+    assert scaling.overlay_prediction(results, tmp_path, 4.5)["run"] == "lamb_b32_lrx1"  # x3's is for 5.0
+    (tmp_path / "lamb_b32_lrx3" / "prediction.json").write_text(json.dumps({"target_loss": 4.5, "run": "x3"}))
+    assert scaling.overlay_prediction(results, tmp_path, 4.5)["run"] == "x3"
