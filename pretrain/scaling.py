@@ -459,8 +459,9 @@ def plot(results: list[dict], out: Path, target: float, prediction: Optional[dic
             a2.plot([b for b, _ in hits], [s for _, s in hits], marker="o", color=colour[opt], label=opt)
         # Batches where no run of this optimizer reached the target: the steps it ran are a lower bound.
         short = sorted((b, steps_run(r)) for (o, b), r in best.items() if o == opt and (o, b) not in reached)
-        if short:
-            a2.scatter([b for b, _ in short], [s for _, s in short], marker="^", facecolors="none",
+        if short:  # nudged sideways per optimizer: equal bounds at one batch stay visible
+            nudge = 1.08 ** (opts.index(opt) - (len(opts) - 1) / 2)
+            a2.scatter([b * nudge for b, _ in short], [s for _, s in short], marker="^", facecolors="none",
                        edgecolors=colour[opt], label=f"{opt}: not reached in its steps")
     batches = sorted({b for _, b in best})
     lamb_hits = [(b, r["steps_to_target"]) for (o, b), r in fastest.items()
