@@ -1,6 +1,6 @@
 """GPU verification of the main job: optimizer paths, step time, run.py on DeepSpeed, bare loop.
 
-    python bench/gpu_check.py --smoke                  every stage on the CPU, about a minute
+    python bench/gpu_check.py --smoke                  every stage on the CPU: ~4 minutes on 2 cores (a,b,o,d,e,f,c)
     python bench/gpu_check.py --data D --out OUT       on one GPU, at most ~6 minutes
 
 Stages (``--stages a,b,o,d,e,c``, run in the order given; each prints a table row and one JSON line
@@ -688,7 +688,7 @@ def prepare(dest: Path, python_version: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="every stage on the CPU with a tiny model (~1 minute)")
+    ap.add_argument("--smoke", action="store_true", help="every stage on the CPU with a tiny model (~4 minutes on 2 cores)")
     ap.add_argument("--prepare", type=Path, metavar="DIR", help="build DIR/data and DIR/whl, then exit")
     ap.add_argument("--python-version", default="3.12", help="--prepare: the target interpreter's version")
     ap.add_argument("--data", type=Path, help="a data_prep output holding seq128/ (default: built by --prepare)")
