@@ -485,16 +485,21 @@ def plot(results: list[dict], out: Path, target: float, prediction: Optional[dic
     save_figure(fig, out / "scaling.png", dpi=120)
     plt.close(fig)
 
-    courses = [(b, r) for (o, b), r in sorted(best.items()) if r.get("gns")]
-    if courses:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for b, r in courses:
-            g = r["gns"]
-            ax.plot([x["samples"] for x in g], [x["b_simple"] for x in g], lw=1,
-                    label=f"{r['optimizer']} batch {b}")
-        ax.set(xscale="log", yscale="log", xlabel="samples", ylabel="gradient noise scale B_simple",
-               title="noise scale over training (best lr per batch)")
-        ax.legend(fontsize=6, ncol=2)
+    courses = [(o, b, r) for (o, b), r in sorted(best.items()) if r.get("gns")]
+    if courses:  # one panel per optimizer, batches coloured from small (dark) to large (light)
+        gns_opts = sorted({o for o, _, _ in courses})
+        all_batches = sorted({b for _, b, _ in courses})
+        shade = {b: plt.cm.viridis(i / max(1, len(all_batches) - 1) * 0.9) for i, b in enumerate(all_batches)}
+        fig, axes = plt.subplots(1, len(gns_opts), figsize=(4.5 * len(gns_opts), 4), sharey=True, squeeze=False)
+        for ax, opt in zip(axes[0], gns_opts):
+            for o, b, r in courses:
+                if o == opt:
+                    g = [x for x in r["gns"] if x.get("b_simple") is not None and x["b_simple"] > 0]
+                    ax.plot([x["samples"] for x in g], [x["b_simple"] for x in g], lw=1.2, color=shade[b],
+                            label=f"batch {b}")
+            ax.set(xscale="log", yscale="log", xlabel="samples", title=f"{opt} (best lr per batch)")
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("gradient noise scale B_simple")
         fig.tight_layout()
         save_figure(fig, out / "noise_scale.png", dpi=120)
         plt.close(fig)
