@@ -122,8 +122,10 @@ def make_spec(args, opt: str, batch: int, mult: float, seed_offset: int = 0) -> 
 def run_priority(spec: RunSpec, specs: list[RunSpec], optimizers: list[str]) -> tuple:
     """Execution order, so that a grid stopped early holds the most telling runs: the scaled
     lr at the smallest, largest and second-smallest batch; the lr search at the largest batch
-    (where the scaling rule is least sure); the higher lr at the smallest; the other batches;
-    the lower lr at the smallest. Optimizers alternate within each tier."""
+    (where the scaling rule is least sure); the higher lr at the smallest; the other batches at
+    the scaled lr; then the search at the other batches, largest first (the scaled lr is
+    extrapolated furthest there), the lower lr at the smallest last. Optimizers alternate
+    within each tier."""
     batches = sorted({s.batch for s in specs})
     small, large = batches[0], batches[-1]
     second = batches[1] if len(batches) > 2 else None
@@ -137,7 +139,7 @@ def run_priority(spec: RunSpec, specs: list[RunSpec], optimizers: list[str]) -> 
         tier = 3
     else:
         tier = 4
-    return tier, spec.batch, spec.lr_multiplier, optimizers.index(spec.optimizer)
+    return tier, -spec.batch if tier == 4 else spec.batch, spec.lr_multiplier, optimizers.index(spec.optimizer)
 
 
 def run_one(spec: RunSpec, args, out: Path, slot: int = 0) -> dict:

@@ -172,6 +172,14 @@ def test_plan_searches_lr_at_every_batch_where_asked_and_runs_ends_only_optimize
           for s in specs}
     assert by[("lamb", 256)] == by[("adamw", 256)] == [0.5, 1.0, 2.0]
     assert ("lars", 256) not in by and by[("lars", 64)] == by[("lars", 1024)] == [0.5, 1.0, 2.0]
+    # the search at the middle batches runs after every scaled-lr run, largest batch first, and
+    # the lower lr at the smallest batch last
+    args.batch_sizes, args.optimizers = [64, 256, 512, 1024], ["lamb", "adamw"]
+    specs = scaling.plan(args)
+    order = [s.name for s in sorted(specs, key=lambda s: scaling.run_priority(s, specs, args.optimizers))]
+    assert order.index("adamw_b512_lrx1") < order.index("lamb_b512_lrx0.5")
+    assert order[-10:] == [f"{o}_b{b}_lrx{m}" for b, m in ((512, "0.5"), (512, "2"), (256, "0.5"), (256, "2"), (64, "0.5"))
+                           for o in ("lamb", "adamw")]
 
 
 def test_repeats_take_the_best_lr_at_the_ends(tmp_path):
