@@ -38,9 +38,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29583")
-    import deepspeed
+    from pretrain.distributed import init_distributed
 
-    deepspeed.init_distributed(distributed_port=int(os.environ["MASTER_PORT"]))
+    init_distributed()
     vocab = 30522
     model = build_model(args.model, vocab, seed=0)
     glob = args.micro * args.accum

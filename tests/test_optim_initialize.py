@@ -14,7 +14,7 @@ import optim
 
 @pytest.fixture(scope="module", autouse=True)
 def single_process_group():
-    import deepspeed
+    from pretrain.distributed import init_distributed
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -22,7 +22,7 @@ def single_process_group():
     env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
     yield
     for k, v in saved.items():  # later tests launch their own ranks; do not leak rank 0 of 1 to them
         if v is None:

@@ -1,8 +1,6 @@
 """LR schedules against their formulas, warmup given both ways, scaling rules, config errors."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import optim  # noqa: E402
+from pretrain.distributed import init_distributed  # noqa: E402
 from pretrain.gns import NoiseScale  # noqa: E402
 
 D, SIGMA, R = 8, 1.0, 0.6
@@ -51,11 +52,9 @@ def main() -> None:
     ap.add_argument("--local_rank", type=int, default=None)
     args = ap.parse_args()
 
-    import deepspeed
     import deepspeed.comm as dist
 
-    deepspeed.init_distributed()
-    world, rank = dist.get_world_size(), dist.get_rank()
+    rank, world = init_distributed()
     glob = args.micro * args.accum * world
     cfg = {"train_batch_size": glob, "train_micro_batch_size_per_gpu": args.micro,
            "gradient_accumulation_steps": args.accum, "optimizer": {"type": "SGD", "params": {"lr": 0.0}},

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import optim  # noqa: E402
 from optim._layout import whole_tensor_layout  # noqa: E402
+from pretrain.distributed import init_distributed  # noqa: E402
 from tests.distributed.tiny_bert import GLOBAL_BATCH, STEPS, batches, make_model  # noqa: E402
 
 
@@ -109,9 +110,7 @@ def main() -> None:
     ap.add_argument("--runs", required=True, help="JSON list of [tag, mode, optimizer block]")
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
-    import deepspeed
-
-    deepspeed.init_distributed()
+    init_distributed()
     torch.use_deterministic_algorithms(True)
     for tag, mode, opt in json.loads(args.runs):
         run(tag, mode, opt, args.out)
