@@ -523,12 +523,12 @@ def throughput(run_dir: Path, skip: int) -> dict:
     recs = [r for r in records(run_dir) if "loss" in r and r["step"] > skip]
     if not recs:
         return {}
-    keys = ("samples_per_s", "tokens_per_s", "mfu", "peak_mem_gib", "loss_scale", "skipped_steps")
+    keys = ("samples_per_s", "tokens_per_s", "mfu", "data_wait", "peak_mem_gib", "loss_scale", "skipped_steps")
     out = {}
     for k in keys:
         vals = [r[k] for r in recs if r.get(k) is not None]
         if vals:
-            out[k] = statistics.median(vals) if k in ("samples_per_s", "tokens_per_s", "mfu") else vals[-1]
+            out[k] = statistics.median(vals) if k in ("samples_per_s", "tokens_per_s", "mfu", "data_wait") else vals[-1]
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -109,6 +110,12 @@ class TrainStream:
                               f"{self.sampler.per_rank}, fewer than one micro batch of {micro_batch}")
         self.consumed = 0  # samples of this rank's slice used in the current epoch
         self._iter: Optional[Iterator] = None
+        self._wait = 0.0  # seconds next() blocked since take_wait(): the loader not keeping up
+
+    def take_wait(self) -> float:
+        """Seconds this process waited for batches since the last call (worker start-up included)."""
+        wait, self._wait = self._wait, 0.0
+        return wait
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict(consumed=self.consumed)
@@ -130,18 +137,22 @@ class TrainStream:
         self._iter = iter(loader)
 
     def next(self) -> dict[str, torch.Tensor]:
-        for _ in range(2):
-            if self._iter is None:
-                self._start_epoch()
-            try:
-                batch = next(self._iter)
-                self.consumed += self.micro_batch
-                return batch
-            except StopIteration:
-                self.sampler.set_epoch(self.sampler.epoch + 1, 0)
-                self.consumed = 0
-                self._iter = None
-        raise RuntimeError("training data yielded no batch in a whole epoch")
+        t = time.perf_counter()
+        try:
+            for _ in range(2):
+                if self._iter is None:
+                    self._start_epoch()
+                try:
+                    batch = next(self._iter)
+                    self.consumed += self.micro_batch
+                    return batch
+                except StopIteration:
+                    self.sampler.set_epoch(self.sampler.epoch + 1, 0)
+                    self.consumed = 0
+                    self._iter = None
+            raise RuntimeError("training data yielded no batch in a whole epoch")
+        finally:
+            self._wait += time.perf_counter() - t
 
     @property
     def epoch(self) -> int:

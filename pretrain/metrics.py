@@ -1,8 +1,9 @@
 """Progress lines, ``metrics.jsonl`` and TensorBoard, written by rank 0 only.
 
 Every ``log_every`` steps one record: step, loss, MLM/NSP accuracy, lr, samples/s, tokens/s (real
-tokens, padding not counted), MFU, peak accelerator memory, loss scale and skipped steps (fp16),
-and trust-ratio min/median/max. Accuracies are exact over the interval and all ranks (correct and
+tokens, padding not counted), MFU, ``data_wait`` (the fraction of the interval this rank's main
+process spent blocked on the data loader: above a few percent, add ``pretrain.num_workers``),
+peak accelerator memory, loss scale and skipped steps (fp16), and trust-ratio min/median/max. Accuracies are exact over the interval and all ranks (correct and
 total counts are summed, not averaged ratios).
 
 MFU is model FLOPs per second over the accelerator's peak: 6 x parameters x sequence positions
@@ -131,6 +132,8 @@ class MetricsLogger:
                      f"{record['tokens_per_s']:.0f} tok/s"]
             if record.get("mfu") is not None:
                 parts.append(f"MFU {100 * record['mfu']:.1f}%")
+            if record.get("data_wait") is not None:
+                parts.append(f"data {100 * record['data_wait']:.0f}%")
             if record.get("peak_mem_gib") is not None:
                 parts.append(f"mem {record['peak_mem_gib']:.1f} GiB")
             if record.get("gns_b_simple") is not None:

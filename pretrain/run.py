@@ -277,6 +277,11 @@ class TrainingRun:
                                    min_loss_scale=min_loss_scale,
                                    all_reduce=lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX))
 
+    def restart_clock(self) -> None:
+        """The next record's interval starts now: its time and the data wait within it."""
+        self.metrics.restart_clock()
+        self.stream.take_wait()
+
     def save(self) -> None:
         p = self.progress
         client_state = {"step": p["step"], "samples": p["samples"], "skipped": p["skipped"],
@@ -289,7 +294,7 @@ class TrainingRun:
             export(tag_dir, self.output / "hf")
         if self.is_main:
             print(f"checkpoint: {tag_dir}", flush=True)
-        self.metrics.restart_clock()
+        self.restart_clock()
 
     def log(self) -> None:
         iv = self.acct.take_interval(self.dist.all_reduce)
@@ -300,18 +305,19 @@ class TrainingRun:
                   "nsp_acc": iv["nsp_correct"] / max(iv["nsp_count"], 1), "lr": self.engine.get_lr()[0],
                   "samples_per_s": iv["samples"] / elapsed, "tokens_per_s": iv["tokens"] / elapsed,
                   "mfu": iv["samples"] * self.flops_per_sample / elapsed / self.peak_flops if self.peak_flops else None,
+                  "data_wait": self.stream.take_wait() / elapsed,
                   "peak_mem_gib": peak_memory_gib(), "loss_scale": self.acct.loss_scale(),
                   "skipped_steps": p["skipped"], "epoch": self.stream.epoch, "samples": p["samples"],
                   **self.gns.record()}
         trust = getattr(self.engine.basic_optimizer, "trust_ratios", lambda: {})()
         every = self.cfg.trust_ratio_histogram_every
         self.metrics.log(record, trust=trust, histogram=bool(every) and p["step"] % every == 0)
-        self.metrics.restart_clock()
+        self.restart_clock()
 
     def evaluate(self) -> None:
         self.metrics.log({"step": self.progress["step"],
                           **evaluate(self.engine, self.val_ds, self.micro, self.cfg.eval_samples, self.world, self.rank)})
-        self.metrics.restart_clock()
+        self.restart_clock()
 
     def train(self, resuming: bool) -> int:
         cfg, engine, p = self.cfg, self.engine, self.progress

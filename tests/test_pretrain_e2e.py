@@ -53,7 +53,8 @@ def test_effective_config_and_metrics_are_written(phase1):
     assert eff["train_batch_size"] == 16 and eff["gradient_accumulation_steps"] == 2
     assert eff["scheduler"]["params"]["total_num_steps"] == 6
     rec = [json.loads(x) for x in (phase1 / "straight" / "metrics.jsonl").read_text().splitlines()]
-    assert {"step", "loss", "lr", "samples_per_s", "trust_min", "trust_median"} <= set(rec[0])
+    assert {"step", "loss", "lr", "samples_per_s", "data_wait", "trust_min", "trust_median"} <= set(rec[0])
+    assert all(0 <= r["data_wait"] < 1 for r in rec if "loss" in r)
     assert any("eval_mlm_loss" in r for r in rec)
     assert (phase1 / "straight" / "tensorboard").is_dir()
 

@@ -177,3 +177,40 @@ def test_phase2_keeps_the_moments_and_restarts_or_keeps_the_step_count(tmp_path,
     assert torch.equal(state["exp_avg"], torch.full((3,), 0.5))  # the moments are phase 1's either way
     assert engine.optimizer.param_groups[0]["lr"] == 4e-3  # phase 2's own lr, not phase 1's last
     assert engine.global_steps == engine.global_samples == engine.skipped_steps == 0
+
+
+class SlowDataset(torch.utils.data.Dataset):
+    """Each sample takes ``delay`` seconds to produce: a loader that cannot keep up."""
+
+    path = "slow"
+
+    def __init__(self, n: int, delay: float) -> None:
+        self.n, self.delay = n, delay
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        import time
+
+        time.sleep(self.delay)
+        return {"input_ids": torch.full((4,), i)}
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+def test_train_stream_counts_the_time_it_waits_for_batches():
+    import time
+
+    from pretrain.data import TrainStream
+
+    stream = TrainStream(SlowDataset(64, delay=0.02), micro_batch=4, world=1, rank=0, seed=0, num_workers=0)
+    for _ in range(3):
+        stream.next()
+    waited = stream.take_wait()
+    assert waited >= 3 * 4 * 0.02  # every sample's delay was waited for in this process
+    assert stream.take_wait() == 0.0  # reset by the call
+    time.sleep(0.5)  # time spent elsewhere (the step) is not data wait
+    stream.next()
+    assert 4 * 0.02 <= stream.take_wait() < 0.5
