@@ -32,6 +32,8 @@ e. Where the difference goes (``bench/engine_step.py``): the bare loop against D
    of the ZeRO-2 engine (top kernels, device-busy time; Chrome traces in OUT/engine_step_e).
 f. (not in the default stages: ``--stages f``, a call of its own) the ZeRO-2 engine with
    ``pretrain.compile`` "default" (inductor) against the eager one, and the compilation's time.
+g. (not in the default stages either; after c and d, whose figures it compares with) stage c's
+   bf16 run.py run with ``pretrain.compile`` "default": samples/s and MFU past the compilation.
 
 Repeating the GPU run on a machine with PyTorch, transformers and tokenizers but no internet (as
 the project's device machine; commands from the repository root):
@@ -67,8 +69,6 @@ sys.path.insert(0, str(REPO))
 
 from optim import precision as precision_mod  # noqa: E402
 
-# Dense peak TFLOP/s for bf16/fp16 of known accelerators (vendor data sheets, no sparsity).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "V100": 125.0, "L40S": 362.0, "A10": 125.0}
 
 
 class Reporter:
@@ -93,10 +93,10 @@ def accelerator():
 
 
 def peak_tflops(device_name: str) -> float | None:
-    for key, value in PEAK_TFLOPS.items():
-        if key in device_name:
-            return value
-    return None
+    """Dense bf16/fp16 peak of the device (pretrain.metrics' table, as run.py's MFU uses)."""
+    from pretrain.metrics import peak_tflops as table
+
+    return table(device_name, "bf16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +405,7 @@ def stage_e(args, report, state: dict, compiled: bool = False) -> None:
 # c. run.py through the DeepSpeed launcher
 # ---------------------------------------------------------------------------------------------
 
-def run_config(args, out: Path, precision: str) -> Path:
+def run_config(args, out: Path, precision: str, compile: str = "off") -> Path:
     cfg = json.loads((REPO / "ds_configs" / "lamb_64k.json").read_text())
     cfg.pop("_comment", None)
     cfg.pop("fp16", None)
@@ -423,8 +423,8 @@ def run_config(args, out: Path, precision: str) -> Path:
     steps = args.fp16_steps if precision == "fp16" else args.steps
     cfg["pretrain"].update(model=args.model, max_steps=steps, data=str(args.data / "seq128"), log_every=1,
                            eval_every=0, eval_samples=0, validation_shards=1, checkpoint_every=0,
-                           keep_checkpoints=1, num_workers=2, tensorboard=False)
-    path = out / f"config_{precision}.json"
+                           keep_checkpoints=1, num_workers=2, tensorboard=False, compile=compile)
+    path = out / f"config_{precision}{'' if compile == 'off' else '_compiled'}.json"
     path.write_text(json.dumps(cfg, indent=1))
     return path
 
@@ -602,6 +602,36 @@ def stage_c(args, report, state: dict) -> None:
     state["n_params"] = n_params
 
 
+def stage_g(args, report, state: dict) -> None:
+    """run.py as stage c's bf16 run with ``pretrain.compile`` "default" (inductor; "aot_eager" on
+    the CPU): samples/s and MFU past the compilation, against the eager run and the bare loop."""
+    out = args.out / "runs_compiled"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    backend = "aot_eager" if args.device == "cpu" else "default"
+    cfg = run_config(args, out, "auto", compile=backend)
+    run_dir = out / "auto_compiled"
+    rc, secs = launch(args, cfg, run_dir, out / "auto_compiled.log", timeout=args.run_timeout + 120)
+    ls = losses(run_dir)
+    tp = throughput(run_dir, skip=max(2, args.steps // 4))
+    first = next((r for r in records(run_dir) if r.get("step") == 1 and r.get("samples_per_s")), None)
+    first_s = args.micro * args.accum / first["samples_per_s"] if first else None
+    eager, bare = state.get("pipeline_samples_per_s"), state.get("bare_samples_per_s")
+    rate = tp.get("samples_per_s")
+    compiled = "model compiled" in tail(out / "auto_compiled.log", 100000)
+    ok = rc == 0 and len(ls) == args.steps and compiled
+    rec = {"backend": backend, "rc": rc, "seconds": secs, "first_step_s": first_s, "steps_logged": len(ls),
+           "over_eager": rate / eager if rate and eager else None, "over_bare": rate / bare if rate and bare else None,
+           **tp}
+    if not ok:
+        rec["log_tail"] = tail(out / "auto_compiled.log")
+    report("g.compile", ok, rec,
+           f"run.py compiled ({backend}): rc {rc}, {secs:.0f} s (first step {first_s or float('nan'):.1f} s), "
+           f"{rate or 0:.1f} samples/s, MFU {tp.get('mfu') or float('nan'):.3f}, data wait "
+           f"{tp.get('data_wait') or 0:.1%}; {rec['over_eager'] or float('nan'):.2f}x eager (stage c), "
+           f"{rec['over_bare'] or float('nan'):.2f}x the bare loop (stage d)")
+
+
 def resolved_precision(run_dir: Path) -> str | None:
     path = run_dir / "config.effective.json"
     if not path.is_file():
@@ -744,7 +774,7 @@ def main() -> int:
            f"{state['device_name']}, torch {torch.__version__}, triton {_version('triton')}")
     stages = {"a": stage_a, "b": stage_b, "o": stage_o, "v": stage_v, "c": lambda a, r: stage_c(a, r, state),
               "d": lambda a, r: stage_d(a, r, state), "e": lambda a, r: stage_e(a, r, state),
-              "f": lambda a, r: stage_e(a, r, state, compiled=True)}
+              "f": lambda a, r: stage_e(a, r, state, compiled=True), "g": lambda a, r: stage_g(a, r, state)}
     failed = False
 
     def too_long(_signum, _frame):
@@ -753,7 +783,7 @@ def main() -> int:
     signal.signal(signal.SIGALRM, too_long)
     for s in args.stages.split(","):
         try:
-            signal.alarm(0 if s.strip() == "c" else args.stage_timeout + (120 if s.strip() in "ef" else 0))
+            signal.alarm(0 if s.strip() in "cg" else args.stage_timeout + (120 if s.strip() in "ef" else 0))
             stages[s.strip()](args, report)
         except Exception as exc:  # noqa: BLE001 - report the failure and go on to the next stage
             import traceback
