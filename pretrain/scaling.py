@@ -524,7 +524,9 @@ def print_table(results: list[dict], target: float) -> None:
 
 def edge_specs(args, results: list[dict]) -> list[RunSpec]:
     """One more lr, a factor beyond the edge, for each (optimizer, batch) whose best lr so far is
-    the highest or lowest tried (``--extend-edges``): so the best is not at the edge of the search."""
+    the highest or lowest tried (``--extend-edges``): so the best is not at the edge of the search.
+    Fully searched optimizers come first (they carry the comparison), then those searched at the
+    ends only; larger batches first within each (fewer steps, and the lr rule is least sure there)."""
     if not getattr(args, "extend_edges", False) or not results:
         return []
     mults = sorted(set(args.lr_multipliers))
@@ -538,7 +540,8 @@ def edge_specs(args, results: list[dict]) -> list[RunSpec]:
             continue
         new = tried[-1] * step if r["lr_multiplier"] == tried[-1] else tried[0] / step
         out.append(make_spec(args, opt, batch, new))
-    return out
+    searched = getattr(args, "search_all", [])
+    return sorted(out, key=lambda sp: (sp.optimizer not in searched, -sp.batch))
 
 
 def repeat_specs(args, results: list[dict]) -> list[RunSpec]:

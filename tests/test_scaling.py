@@ -241,6 +241,21 @@ def test_an_lr_search_whose_best_is_at_an_edge_goes_one_step_further(tmp_path):
     assert [(x.batch, x.lr_multiplier) for x in extra] == [(64, pytest.approx(1 / 9))]
 
 
+def test_edge_extensions_run_the_fully_searched_optimizers_and_larger_batches_first(tmp_path):
+    args = make_args(tmp_path)
+    args.extend_edges, args.np, args.micro_batch, args.samples = True, 1, 64, 8192
+    args.lr_multipliers, args.search_all = [1 / 3, 1.0, 3.0], ["lamb", "adamw"]
+    args.lr["lars"] = 1.0
+    results = []
+    for opt, batch in (("lars", 1024), ("lamb", 32), ("adamw", 512), ("lars", 32), ("lamb", 128), ("adamw", 256)):
+        results += [dict(fake_result(opt, batch, m, [(1000, loss)]), lr_multiplier=m)
+                    for m, loss in ((1 / 3, 4.4), (1.0, 4.2), (3.0, 4.0))]  # each best at the top edge
+    extra = scaling.edge_specs(args, results)
+    assert [(x.optimizer, x.batch) for x in extra] == [("adamw", 512), ("adamw", 256), ("lamb", 128), ("lamb", 32),
+                                                       ("lars", 1024), ("lars", 32)]
+    assert all(x.lr_multiplier == pytest.approx(9.0) for x in extra)
+
+
 def test_every_step_has_two_micro_batches_to_measure_the_noise_scale(tmp_path):
     args = make_args(tmp_path)
     args.np, args.micro_batch, args.samples = 1, 64, 8192
