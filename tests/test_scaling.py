@@ -249,7 +249,7 @@ def test_edge_extensions_run_the_fully_searched_optimizers_and_larger_batches_fi
     results = []
     for opt, batch in (("lars", 1024), ("lamb", 32), ("adamw", 512), ("lars", 32), ("lamb", 128), ("adamw", 256)):
         results += [dict(fake_result(opt, batch, m, [(1000, loss)]), lr_multiplier=m)
-                    for m, loss in ((1 / 3, 4.4), (1.0, 4.2), (3.0, 4.0))]  # each best at the top edge
+                    for m, loss in ((1 / 3, 4.8), (1.0, 4.6), (3.0, 4.0))]  # each best at the top edge
     extra = scaling.edge_specs(args, results)
     assert [(x.optimizer, x.batch) for x in extra] == [("adamw", 512), ("adamw", 256), ("lamb", 128), ("lamb", 32),
                                                        ("lars", 1024), ("lars", 32)]
