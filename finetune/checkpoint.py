@@ -69,7 +69,14 @@ def check_hf_dir(path: str | Path) -> Path:
 
 def load_model(path: str | Path):
     """Return ``(model, tokenizer)``: a QA model (fresh span head if the checkpoint has none) and
-    its fast tokenizer (offsets are needed to map answers back to characters)."""
+    its fast tokenizer (offsets are needed to map answers back to characters).
+
+    The model is always fp32, whatever dtype the checkpoint was saved in: the DeepSpeed config
+    decides the training precision (bf16/fp16 keep fp32 masters). transformers 5 keeps a
+    checkpoint's stored dtype, so an fp16 file would otherwise train in plain fp16, where an
+    update of lr 1e-4 mostly rounds away."""
+    import torch
+    import transformers
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
     path = Path(path)
@@ -82,7 +89,9 @@ def load_model(path: str | Path):
                               f"tokenizer; character offsets need tokenizer.json or a vocab.txt "
                               f"that transformers can convert")
     try:
-        model = AutoModelForQuestionAnswering.from_pretrained(path)
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+        model = AutoModelForQuestionAnswering.from_pretrained(path, **{key: torch.float32})
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot build a question-answering model from it ({e})") from e
     return model, tokenizer

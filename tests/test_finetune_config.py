@@ -55,3 +55,28 @@ def test_one_no_decay_rule():
     model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
     decay, no_decay = optim.param_groups(model, 0.01)
     assert decay["param_names"] == ["0.weight"] and sorted(no_decay["param_names"]) == ["0.bias", "1.bias", "1.weight"]
+
+
+@pytest.mark.parametrize("saved", ["float16", "bfloat16"])
+def test_a_half_precision_checkpoint_loads_as_fp32(tmp_path, saved):
+    # transformers 5 keeps a checkpoint's stored dtype; fine-tuning in fp32 (or with fp32 masters)
+    # needs fp32 weights, the same values as stored.
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering, BertTokenizerFast
+
+    from finetune.checkpoint import load_model
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32)
+    stored = BertForQuestionAnswering(cfg).to(getattr(torch, saved))
+    out = tmp_path / "ckpt"
+    stored.save_pretrained(out)
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(out)
+    model, _ = load_model(out)
+    want = dict(stored.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32, name
+        assert torch.equal(p, want[name].float()), name
