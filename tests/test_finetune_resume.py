@@ -1,0 +1,117 @@
+"""Fine-tuning on 2 ranks under the DeepSpeed launcher, and nothing lost when it is stopped: a real
+SIGTERM to one rank only (the other must stop at the same step), a checkpoint, and ``--resume``
+ending in the predictions, scores and weights of the uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.data import read_squad
+from tests.test_finetune_squad import ENV, ROOT, SCRIPT, SMALL, _check_outputs
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+def launcher() -> list[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)]
+
+
+def args(shared_data, ckpt, out: Path, *extra) -> list[str]:
+    train = shared_data / "squad" / "train-v1.1-articles-00-43.json"
+    dev = shared_data / "squad" / "dev-v1.1-articles-00-23.json"
+    # 64 questions -> 168 windows, 11 steps an epoch at batch 8 on 2 ranks: 30 steps cross epochs;
+    # --checkpoint-every 4 saves periodically too
+    return [str(a) for a in ["--checkpoint", ckpt, "--train-file", train, "--predict-file", dev, "--output", out,
+                             "--max-train-examples", 64, "--max-predict-examples", 30, *SMALL, "--epochs", 100,
+                             "--max-steps", 30, "--checkpoint-every", 4, "--save-model", *extra]]
+
+
+def run(cmd: list[str], expect: int = 0) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == expect, out[-4000:]
+    return out
+
+
+def rank_pids(session: int) -> list[int]:
+    """The rank processes of the launch started as session ``session`` (python ... squad.py --local_rank=N)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            if b"squad.py" in cmd and b"--local_rank" in cmd and os.getsid(int(d.name)) == session:
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+def test_a_signal_to_one_rank_saves_and_resume_repeats_the_straight_run(shared_data, tiny_checkpoint, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run(launcher() + [str(SCRIPT)] + args(shared_data, tiny_checkpoint, straight))
+    dev = read_squad(shared_data / "squad" / "dev-v1.1-articles-00-23.json").examples[:30]
+    _, metrics = _check_outputs(straight, dev)  # two ranks predict shards; rank 0 writes them all
+    assert metrics["world_size"] == 2
+
+    cmd = launcher() + [str(SCRIPT)] + args(shared_data, tiny_checkpoint, stopped)
+    log = (tmp_path / "stopped.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    first = stopped / "checkpoints" / "step0000004" / "complete.json"
+    deadline = time.time() + 300
+    while not first.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.is_file(), (tmp_path / "stopped.log").read_text()[-3000:]
+    ranks = rank_pids(proc.pid)
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGTERM)  # one rank only: the other learns it through the step's all-reduce
+    rc = proc.wait(timeout=120)
+    text = (tmp_path / "stopped.log").read_text()
+    assert rc == 0, text[-3000:]
+    assert "on request (made on another rank); rerun with --resume" in text
+    saved = sorted(p.name for p in (stopped / "checkpoints").glob("step*"))
+    assert len(saved) == 1 and (stopped / "checkpoints" / saved[0] / "complete.json").is_file()
+    step = int(saved[0][4:])
+    assert 4 <= step < 30
+    assert not (stopped / "predictions.json").exists() and not (stopped / "metrics.json").exists()
+
+    # the same command without --resume is refused, naming the way on (one process: refused alike)
+    refused = run([sys.executable, str(SCRIPT)] + args(shared_data, tiny_checkpoint, stopped), expect=2)
+    assert "pass --resume" in refused
+    # another learning rate is another run
+    other = run([sys.executable, str(SCRIPT)] + args(shared_data, tiny_checkpoint, stopped, "--resume", "--lr", "2e-3"),
+                expect=2)
+    assert "other settings (lr)" in other
+
+    resumed = run(launcher() + [str(SCRIPT)] + args(shared_data, tiny_checkpoint, stopped, "--resume"))
+    assert f"resumed from {saved[0]}: step {step}" in resumed
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads((stopped / "metrics.json").read_text())
+    assert b["resumed"] is True and a["train_steps"] == b["train_steps"] == 30
+    assert a["train_windows_seen"] == b["train_windows_seen"]
+    assert (a["exact_match"], a["f1"]) == (b["exact_match"], b["f1"])
+    assert json.loads((straight / "predictions.json").read_text()) == json.loads((stopped / "predictions.json").read_text())
+    wa, wb = weights(straight), weights(stopped)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    assert not (stopped / "checkpoints").exists()  # spent once the results are written
