@@ -638,7 +638,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--ends-only", type=lambda s: [x for x in s.split(",") if x], default=[],
                     help="optimizers run at the smallest and largest batch only")
     ap.add_argument("--extend-edges", action="store_true",
-                    help="after the grid, one more lr beyond the edge wherever the best lr is at an edge")
+                    help="after the grid, one more lr beyond the edge wherever the best lr is at an edge "
+                         "(--search-all optimizers, then --repeat-best, then the --ends-only ones)")
     ap.add_argument("--repeat-best", type=int, default=1, metavar="N",
                     help="runs per best lr at the smallest and largest batch (N-1 more seeds), for "
                          "the optimizers in --search-all: the noise between runs")
@@ -711,7 +712,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
             for future in [pool.submit(work, i, specs[i]) for i in order]:
                 future.result()
-    for extra_phase in (edge_specs, repeat_specs):
+    searched = set(args.search_all)
+
+    def edges_searched(a, rs):  # the optimizers compared at every batch: their edges, then their repeats
+        return [x for x in edge_specs(a, rs) if x.optimizer in searched]
+
+    def edges_others(a, rs):  # those searched at the ends only come last
+        return [x for x in edge_specs(a, rs) if x.optimizer not in searched]
+
+    for extra_phase in (edges_searched, repeat_specs, edges_others):
         extra = [x for x in extra_phase(args, [results[k] for k in sorted(results)])
                  if x.name not in {sp.name for sp in specs}]
         if not extra:
