@@ -171,7 +171,7 @@ def profile(runner, micro_batches, device, trace: Path, top: int) -> dict:
             "trace": str(trace)}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--data", type=Path, help="a data_prep output holding seq128/")
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
             parse_mode(m)
     except ValueError as exc:
         ap.error(str(exc))
-    profiled = [m.strip() for m in args.profile.split(",") if m.strip()]
+    profiled = [] if args.no_profile else [m.strip() for m in args.profile.split(",") if m.strip()]
     if set(profiled) - set(modes):
         ap.error(f"--profile: {sorted(set(profiled) - set(modes))} not among --modes")
     if args.compile and "zero2" not in modes:
@@ -209,6 +209,13 @@ def main(argv=None) -> int:
             check_compile(args.compile)
         except ValueError as exc:
             ap.error(str(exc))
+    args.modes, args.profiled = modes, profiled
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    modes, profiled = args.modes, args.profiled
     args.model = args.model or ("bert-tiny" if args.smoke else "large")
     args.micro = args.micro or (8 if args.smoke else 128)
     args.rounds = args.rounds or (2 if args.smoke else 5)
@@ -250,7 +257,7 @@ def main(argv=None) -> int:
     rate = {m: glob / statistics.median(v) for m, v in times.items()}
     mem = acc.max_memory_allocated() / 2**30 if device.type != "cpu" else None
     profiles = {m: profile(runners[m], data[:args.accum], device, args.out / trace_name(i, m), args.top)
-                for i, m in enumerate(modes) if m in profiled and not args.no_profile}
+                for i, m in enumerate(modes) if m in profiled}
     ref = rate.get("bare")
     width = max(7, *map(len, modes))
     print(f"{'mode':<{width}} {'samples/s':>10} {'x bare':>7}  (median of {args.rounds} interleaved rounds, "

@@ -44,3 +44,11 @@ def test_a_plus_inside_a_value_is_part_of_it():
         ("zero2", {"zero_optimization.reduce_bucket_size": 5e8, "bf16.enabled": True})
     with pytest.raises(ValueError, match="train_batch_size in train_batch_size.x is not an object"):
         engine_step.engine_config("zero2+train_batch_size.x=1", micro=8, accum=2, bf16=True)
+
+
+def test_profiles_follow_the_modes_and_can_be_left_out():
+    assert engine_step.parse_args(["--modes", "bare,zero1,zero2"]).profiled == ["bare", "zero2"]
+    # gpu_check's stage f: one mode, no profile (the default profile names a mode not run)
+    assert engine_step.parse_args(["--modes", "zero2", "--no-profile", "--compile", "aot_eager"]).profiled == []
+    with pytest.raises(SystemExit):
+        engine_step.parse_args(["--modes", "zero2"])  # profiling "bare", which is not run
