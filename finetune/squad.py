@@ -4,14 +4,14 @@
     deepspeed --num_gpus 2 finetune/squad.py ... --config ds_configs/squad.json
 
 Writes OUT/predictions.json (id -> answer, what ``python -m finetune.evaluate`` reads),
-OUT/nbest_predictions.json, OUT/metrics.json (and OUT/null_odds.json with --version-2). Nothing is
-written until training and prediction have succeeded. One code path for both launches: a plain
-``python`` run is a DeepSpeed job of world size 1.
+OUT/nbest_predictions.json, OUT/metrics.json (and OUT/null_odds.json with --version-2). None of
+them is written until training and prediction have succeeded. One code path for both launches: a
+plain ``python`` run is a DeepSpeed job of world size 1.
 
 Nothing is lost on a stop: SIGTERM, Ctrl-C or Slurm's SIGUSR1 saves a checkpoint in
-OUT/checkpoints at the next step (so does every ``--checkpoint-every`` steps) and exits 0; the same
-command with ``--resume`` continues from it (``finetune/train.py``). The checkpoints are removed
-once the results are written.
+OUT/checkpoints one step later and exits 0 (so does every ``--checkpoint-every`` steps, and the end
+of training); the same command with ``--resume`` continues from it (``finetune/train.py``), or
+does nothing if the run has finished. The checkpoints are removed once the results are written.
 """
 from __future__ import annotations
 
@@ -157,7 +157,9 @@ def predict_logits(engine, feats, args, rank, world, device):
     n = len(feats)
     lo, hi = n * rank // world, n * (rank + 1) // world
     shard = torch.utils.data.Subset(FeatureDataset(feats, with_labels=False), range(lo, hi))
-    loader = torch.utils.data.DataLoader(shard, batch_size=args.predict_batch_size, collate_fn=collate)
+    # its own generator: an evaluation during training must not draw from the global RNG (dropout)
+    loader = torch.utils.data.DataLoader(shard, batch_size=args.predict_batch_size, collate_fn=collate,
+                                         generator=torch.Generator())
     seq = feats.inputs["input_ids"].shape[1]
     starts, ends = [], []
     engine.eval()
@@ -203,12 +205,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out_dir = Path(args.output)
-    fp = train_mod.fingerprint(args)
+    fp = train_mod.fingerprint(args) if args.train_file else None
     try:  # before anything is read or loaded: a refused resume should not take minutes to say so
-        resuming = bool(args.train_file) and train_mod.check_output(out_dir, args.resume, fp)
+        state = train_mod.check_output(out_dir, args.resume, fp) if fp else "fresh"
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if state == "done":
+        print(f"--resume: {out_dir} holds this run's results already (metrics.json); nothing to do "
+              "(without --resume the run starts over)", flush=True)
+        return 0
+    resuming = state == "resume"
 
     # Everything that can fail on bad input fails here, before training and before any output.
     try:
@@ -234,6 +241,12 @@ def main(argv=None) -> int:
     from pretrain.distributed import init_distributed
 
     rank, world = init_distributed()
+    try:
+        if resuming:
+            train_mod.check_world(out_dir, world)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     device = torch.device(deepspeed.accelerator.get_accelerator().current_device_name())
@@ -332,7 +345,7 @@ def main(argv=None) -> int:
 
         try:
             progress = train_mod.resume(engine, out_dir, rank, world) if resuming else train_mod.Progress(world=world)
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:  # no checkpoint loads; one of another model
             print(f"error: {e}", file=sys.stderr)
             return 2
         stopped = train_mod.train(engine, loader, sampler, total_steps=total_steps, grad_accum=args.grad_accum,
@@ -351,6 +364,7 @@ def main(argv=None) -> int:
                         "train_questions": len(train_feats.examples),
                         "train_questions_per_second":
                             len(train_feats.examples) * seen / len(train_feats) / train_time})
+        metrics["fingerprint"] = fp  # a --resume of the finished run finds it here
         if resuming:
             metrics["resumed"] = True
         if progress.eval_log:

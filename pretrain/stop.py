@@ -76,8 +76,7 @@ class StopRequest:
         self.announce = announce
         self._ancestors = launcher_ancestors()
         self._parent = os.getppid()
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handler)
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in STOP_SIGNALS}
 
     def _handler(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
@@ -104,8 +103,9 @@ class StopRequest:
         return False
 
     def restore(self) -> None:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+        """The handlers from before (Ctrl-C raises KeyboardInterrupt again, SIGTERM ends the process)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _alive(pid: int) -> bool:

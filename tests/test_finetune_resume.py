@@ -1,6 +1,11 @@
 """Fine-tuning on 2 ranks under the DeepSpeed launcher, and nothing lost when it is stopped: a real
 SIGTERM to one rank only (the other must stop at the same step), a checkpoint, and ``--resume``
-ending in the predictions, scores and weights of the uninterrupted run."""
+ending in the predictions, scores, evaluations and weights of the uninterrupted run.
+
+The run is chosen to cross the awkward places: 52 questions give 137 windows, 69 per rank (one
+padded), so each epoch ends on a micro-batch of one and has 35 micro-batches, an odd number,
+so with 2 accumulation steps the step that spans the epoch boundary accumulates across it. An
+evaluation at every step means the stop always lands on a step due for one."""
 from __future__ import annotations
 
 import json
@@ -19,6 +24,10 @@ from finetune.data import read_squad
 from tests.test_finetune_squad import ENV, ROOT, SCRIPT, SMALL, _check_outputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+PREDICT = 16
+# one thread per rank: two ranks of two threads on two cores spin in each other's way (5 s a step
+# instead of 0.3)
+ENV1 = dict(ENV, OMP_NUM_THREADS="1")
 
 
 def launcher() -> list[str]:
@@ -31,15 +40,14 @@ def launcher() -> list[str]:
 def args(shared_data, ckpt, out: Path, *extra) -> list[str]:
     train = shared_data / "squad" / "train-v1.1-articles-00-43.json"
     dev = shared_data / "squad" / "dev-v1.1-articles-00-23.json"
-    # 64 questions -> 168 windows, 11 steps an epoch at batch 8 on 2 ranks: 30 steps cross epochs;
-    # --checkpoint-every 4 saves periodically too
     return [str(a) for a in ["--checkpoint", ckpt, "--train-file", train, "--predict-file", dev, "--output", out,
-                             "--max-train-examples", 64, "--max-predict-examples", 30, *SMALL, "--epochs", 100,
-                             "--max-steps", 30, "--checkpoint-every", 4, "--save-model", *extra]]
+                             "--max-train-examples", 52, "--max-predict-examples", PREDICT, *SMALL, "--epochs", 100,
+                             "--max-steps", 30, "--grad-accum", 2, "--eval-every", 1, "--checkpoint-every", 4,
+                             "--save-model", *extra]]
 
 
 def run(cmd: list[str], expect: int = 0) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV1, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == expect, out[-4000:]
     return out
@@ -69,13 +77,13 @@ def weights(out: Path) -> dict:
 def test_a_signal_to_one_rank_saves_and_resume_repeats_the_straight_run(shared_data, tiny_checkpoint, tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     run(launcher() + [str(SCRIPT)] + args(shared_data, tiny_checkpoint, straight))
-    dev = read_squad(shared_data / "squad" / "dev-v1.1-articles-00-23.json").examples[:30]
+    dev = read_squad(shared_data / "squad" / "dev-v1.1-articles-00-23.json").examples[:PREDICT]
     _, metrics = _check_outputs(straight, dev)  # two ranks predict shards; rank 0 writes them all
-    assert metrics["world_size"] == 2
+    assert metrics["world_size"] == 2 and metrics["train_windows"] == 137
 
     cmd = launcher() + [str(SCRIPT)] + args(shared_data, tiny_checkpoint, stopped)
     log = (tmp_path / "stopped.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV1, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     first = stopped / "checkpoints" / "step0000004" / "complete.json"
     deadline = time.time() + 300
     while not first.is_file() and proc.poll() is None and time.time() < deadline:
@@ -91,7 +99,7 @@ def test_a_signal_to_one_rank_saves_and_resume_repeats_the_straight_run(shared_d
     saved = sorted(p.name for p in (stopped / "checkpoints").glob("step*"))
     assert len(saved) == 1 and (stopped / "checkpoints" / saved[0] / "complete.json").is_file()
     step = int(saved[0][4:])
-    assert 4 <= step < 30
+    assert 5 <= step < 30  # one step after the request at the earliest
     assert not (stopped / "predictions.json").exists() and not (stopped / "metrics.json").exists()
 
     # the same command without --resume is refused, naming the way on (one process: refused alike)
@@ -109,9 +117,15 @@ def test_a_signal_to_one_rank_saves_and_resume_repeats_the_straight_run(shared_d
     assert b["resumed"] is True and a["train_steps"] == b["train_steps"] == 30
     assert a["train_windows_seen"] == b["train_windows_seen"]
     assert (a["exact_match"], a["f1"]) == (b["exact_match"], b["f1"])
+    assert [e["step"] for e in a["eval_during_training"]] == list(range(1, 31))
+    assert a["eval_during_training"] == b["eval_during_training"]  # the one due at the stop done on resuming
     assert json.loads((straight / "predictions.json").read_text()) == json.loads((stopped / "predictions.json").read_text())
     wa, wb = weights(straight), weights(stopped)
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
     assert not (stopped / "checkpoints").exists()  # spent once the results are written
+    # a requeued job (the same command with --resume) finds the run finished and leaves it alone
+    again = run([sys.executable, str(SCRIPT)] + args(shared_data, tiny_checkpoint, stopped, "--resume"))
+    assert "nothing to do" in again
+    assert json.loads((stopped / "metrics.json").read_text()) == b
