@@ -192,10 +192,11 @@ cmd_demo() {
         train="$(ls "$SQUAD_DIR"/train-v1.1*.json 2>/dev/null | head -1 || true)"
         dev="$(ls "$SQUAD_DIR"/dev-v1.1*.json 2>/dev/null | head -1 || true)"
         if [[ -n "$train" && -n "$dev" ]]; then
+            # --resume: a demo stopped here continues; one that finished leaves the scores alone
             log "6/6 SQuAD v1.1: fine-tune the exported model on a slice of $train, predict a slice of $dev"
             py finetune/squad.py --checkpoint "$out/hf" --train-file "$train" --predict-file "$dev" \
                 --output "$out/squad" --max-seq-length 192 --doc-stride 64 --epochs 1 \
-                --max-train-examples 800 --max-predict-examples 300 --batch-size 16 --lr 1e-4
+                --max-train-examples 800 --max-predict-examples 300 --batch-size 16 --lr 1e-4 --resume
             squad_note="SQuAD: $(py -c "import json;m=json.load(open('$out/squad/metrics.json'));print(f\"EM {m['exact_match']:.1f} F1 {m['f1']:.1f}\")") (bert-tiny after minutes of pretraining: expect low)"
         else
             squad_note="SQuAD skipped: no train-v1.1*.json and dev-v1.1*.json in $SQUAD_DIR"
