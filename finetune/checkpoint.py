@@ -89,8 +89,9 @@ def load_model(path: str | Path):
                               f"tokenizer; character offsets need tokenizer.json or a vocab.txt "
                               f"that transformers can convert")
     try:
-        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-        key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+        from packaging.version import Version
+
+        key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"  # renamed in 4.56
         model = AutoModelForQuestionAnswering.from_pretrained(path, **{key: torch.float32})
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot build a question-answering model from it ({e})") from e

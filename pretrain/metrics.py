@@ -13,6 +13,7 @@ are computed, so they count), divided by the dense peak of the precision in use,
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -101,6 +102,15 @@ class MetricsLogger:
 
     def restart_clock(self) -> None:
         self._t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time inside (an evaluation, a checkpoint) is not the interval's: its rates count training only."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._t0 += time.perf_counter() - t
 
     def elapsed(self) -> float:
         return time.perf_counter() - self._t0

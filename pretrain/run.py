@@ -277,12 +277,11 @@ class TrainingRun:
                                    min_loss_scale=min_loss_scale,
                                    all_reduce=lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX))
 
-    def restart_clock(self) -> None:
-        """The next record's interval starts now: its time and the data wait within it."""
-        self.metrics.restart_clock()
-        self.stream.take_wait()
-
     def save(self) -> None:
+        with self.metrics.paused():
+            self._save()
+
+    def _save(self) -> None:
         p = self.progress
         client_state = {"step": p["step"], "samples": p["samples"], "skipped": p["skipped"],
                         "sampler": self.stream.state_dict(), "fingerprint": self.fp}
@@ -294,7 +293,6 @@ class TrainingRun:
             export(tag_dir, self.output / "hf")
         if self.is_main:
             print(f"checkpoint: {tag_dir}", flush=True)
-        self.restart_clock()
 
     def log(self) -> None:
         iv = self.acct.take_interval(self.dist.all_reduce)
@@ -312,12 +310,12 @@ class TrainingRun:
         trust = getattr(self.engine.basic_optimizer, "trust_ratios", lambda: {})()
         every = self.cfg.trust_ratio_histogram_every
         self.metrics.log(record, trust=trust, histogram=bool(every) and p["step"] % every == 0)
-        self.restart_clock()
+        self.metrics.restart_clock()  # the next record's interval starts now (its data wait was just taken)
 
     def evaluate(self) -> None:
-        self.metrics.log({"step": self.progress["step"],
-                          **evaluate(self.engine, self.val_ds, self.micro, self.cfg.eval_samples, self.world, self.rank)})
-        self.restart_clock()
+        with self.metrics.paused():
+            self.metrics.log({"step": self.progress["step"], **evaluate(self.engine, self.val_ds, self.micro,
+                                                                       self.cfg.eval_samples, self.world, self.rank)})
 
     def train(self, resuming: bool) -> int:
         cfg, engine, p = self.cfg, self.engine, self.progress

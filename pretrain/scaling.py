@@ -713,6 +713,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             for future in [pool.submit(work, i, specs[i]) for i in order]:
                 future.result()
     searched = set(args.search_all)
+    pending: list[str] = []  # --summarize: extensions and repeats planned from the stored results, not run yet
 
     def edges_searched(a, rs):  # the optimizers compared at every batch: their edges, then their repeats
         return [x for x in edge_specs(a, rs) if x.optimizer in searched]
@@ -731,10 +732,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             for i, spec in enumerate(extra, start=base):
                 if (args.output / spec.name / "result.json").is_file():
                     results[i] = run_one(spec, args, args.output)
+                else:
+                    pending.append(spec.name)
         else:
             with ThreadPoolExecutor(max_workers=args.parallel) as pool:
                 for future in [pool.submit(work, i, spec) for i, spec in enumerate(extra, start=base)]:
                     future.result()
+    if pending:
+        print(f"scaling: {len(pending)} edge extensions and repeats not finished: {', '.join(pending)}")
     results = [results[k] for k in sorted(results)]
     write_outputs(results, args.output, args.target_loss, unigram)
     print_table(results, args.target_loss)

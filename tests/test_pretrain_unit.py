@@ -214,3 +214,16 @@ def test_train_stream_counts_the_time_it_waits_for_batches():
     time.sleep(0.5)  # time spent elsewhere (the step) is not data wait
     stream.next()
     assert 4 * 0.02 <= stream.take_wait() < 0.5
+
+
+def test_time_in_evaluations_and_checkpoints_is_not_training_time(tmp_path):
+    import time
+
+    from pretrain.metrics import MetricsLogger
+
+    m = MetricsLogger(tmp_path, enabled=False, tensorboard=False, start_step=0)
+    time.sleep(0.1)  # training
+    with m.paused():
+        time.sleep(0.4)  # an evaluation between two records
+    time.sleep(0.1)
+    assert 0.2 <= m.elapsed() < 0.4  # samples/s of the record divide by training time alone
