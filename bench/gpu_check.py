@@ -74,7 +74,6 @@ sys.path.insert(0, str(REPO))
 from optim import precision as precision_mod  # noqa: E402
 
 
-
 class Reporter:
     def __init__(self, out: Path) -> None:
         self.path = out / "gpu_check.jsonl"
@@ -379,13 +378,7 @@ def stage_e(args, report, state: dict, compiled: bool = False) -> None:
     if args.device == "cpu":
         cmd += ["--rounds", "2"]
     env = dict(os.environ, MASTER_PORT=str(args.port + 11), PYTHONUNBUFFERED="1")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.stage_timeout + 90, cwd=REPO)
-        out, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
-                      for x in (exc.stdout, exc.stderr))
-        rc = "timeout"
+    out, rc = run_captured(cmd, env, timeout=args.stage_timeout + 90)
     key = "ENGINE_COMPILE" if compiled else "ENGINE_STEP"
     line = next((x[len(key) + 1:] for x in out.splitlines() if x.startswith(key + " ")), None)
     if line is None:
@@ -650,6 +643,16 @@ def params_from_log(log: Path) -> int | None:
     return int(float(m.group(1)) * 1e6) if m else None
 
 
+def run_captured(cmd: list[str], env: dict, timeout: float) -> tuple[str, int | str]:
+    """(stdout + stderr, exit code or "timeout") of a command run from the repository root."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+        return proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr))
+        return out, "timeout"
+
+
 def tail(path: Path, n: int = 2500) -> str:
     return path.read_text()[-n:] if path.is_file() else ""
 
@@ -689,7 +692,6 @@ def stage_d(args, report, state: dict) -> None:
            {"bare_samples_per_s": bare, "pipeline_samples_per_s": pipe, "pipeline_over_bare": ratio, "bare_mfu": mfu},
            f"bare loop {bare:.1f} samples/s (MFU {mfu if mfu else float('nan'):.3f}); pipeline "
            f"{pipe if pipe else float('nan'):.1f} samples/s = {ratio if ratio else float('nan'):.2f}x")
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,12 +742,7 @@ def stage_s(args, report, state: dict) -> None:
            "--batch-size", str(recipe["batch_size"]), "--seed", "42"]
     env = dict(os.environ, MASTER_PORT=str(args.port + 21), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     t = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.run_timeout, cwd=REPO)
-        log, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        log = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr))
-        rc = "timeout"
+    log, rc = run_captured(cmd, env, timeout=args.run_timeout)
     secs = time.perf_counter() - t
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
     f1 = metrics.get("f1")
@@ -804,6 +801,7 @@ def first_questions(squad: dict, n: int) -> dict:
         if left <= 0:
             break
     return dict(squad, data=data)
+
 
 # ---------------------------------------------------------------------------------------------
 

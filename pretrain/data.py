@@ -139,20 +139,23 @@ class TrainStream:
     def next(self) -> dict[str, torch.Tensor]:
         t = time.perf_counter()
         try:
-            for _ in range(2):
-                if self._iter is None:
-                    self._start_epoch()
-                try:
-                    batch = next(self._iter)
-                    self.consumed += self.micro_batch
-                    return batch
-                except StopIteration:
-                    self.sampler.set_epoch(self.sampler.epoch + 1, 0)
-                    self.consumed = 0
-                    self._iter = None
-            raise RuntimeError("training data yielded no batch in a whole epoch")
+            return self._next()
         finally:
             self._wait += time.perf_counter() - t
+
+    def _next(self) -> dict[str, torch.Tensor]:
+        for _ in range(2):
+            if self._iter is None:
+                self._start_epoch()
+            try:
+                batch = next(self._iter)
+                self.consumed += self.micro_batch
+                return batch
+            except StopIteration:
+                self.sampler.set_epoch(self.sampler.epoch + 1, 0)
+                self.consumed = 0
+                self._iter = None
+        raise RuntimeError("training data yielded no batch in a whole epoch")
 
     @property
     def epoch(self) -> int:

@@ -3,8 +3,9 @@
 Every ``log_every`` steps one record: step, loss, MLM/NSP accuracy, lr, samples/s, tokens/s (real
 tokens, padding not counted), MFU, ``data_wait`` (the fraction of the interval this rank's main
 process spent blocked on the data loader: above a few percent, add ``pretrain.num_workers``),
-peak accelerator memory, loss scale and skipped steps (fp16), and trust-ratio min/median/max. Accuracies are exact over the interval and all ranks (correct and
-total counts are summed, not averaged ratios).
+peak accelerator memory, loss scale and skipped steps (fp16), and trust-ratio min/median/max.
+Accuracies are exact over the interval and all ranks (correct and total counts are summed, not
+averaged ratios). Evaluations and checkpoints are left out of the interval's time.
 
 MFU is model FLOPs per second over the accelerator's peak: 6 x parameters x sequence positions
 per sample (the count behind NVIDIA's and DeepSpeed's published BERT figures; padding positions

@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.distributed]
 WORKER = Path(__file__).parent / "distributed" / "shm_worker.py"
 
 
-def launch(out: Path, *extra: str) -> tuple[int, list[dict], list[str]]:
+def launch(out: Path, *extra: str) -> tuple[list[dict], list[str]]:
+    """Each rank's report and the shared-memory files of this launch left behind."""
     port = free_port()
     out.mkdir()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
@@ -34,19 +35,19 @@ def launch(out: Path, *extra: str) -> tuple[int, list[dict], list[str]]:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     left = glob.glob(os.path.join(SHM_DIR, f"{SHM_PREFIX}_{os.getuid()}_*_{port}_*"))
-    return port, reports, left
+    return reports, left
 
 
 @pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason="no /dev/shm")
 def test_two_ranks_leave_no_shared_memory_files(tmp_path):
-    _, control, leaked = launch(tmp_path / "raw", "--raw")
+    control, leaked = launch(tmp_path / "raw", "--raw")
     for path in leaked:  # the control's leak is ours to clean
         os.unlink(path)
     if not leaked:
         pytest.skip("this DeepSpeed build does not use its shared-memory all-reduce here")
     assert len(leaked) == 2 and all(r["exists_after_init"] for r in control)
 
-    _, reports, left = launch(tmp_path / "ours")
+    reports, left = launch(tmp_path / "ours")
     assert left == []
     for r in reports:
         assert r["world"] == 2 and not r["exists_after_init"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from finetune.data import read_squad
+from tests.pretrain_helpers import free_port
 from tests.test_finetune_squad import ENV, ROOT, SCRIPT, SMALL, _check_outputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -31,10 +31,7 @@ ENV1 = dict(ENV, OMP_NUM_THREADS="1")
 
 
 def launcher() -> list[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port())]
 
 
 def args(shared_data, ckpt, out: Path, *extra) -> list[str]:
@@ -82,8 +79,8 @@ def test_a_signal_to_one_rank_saves_and_resume_repeats_the_straight_run(shared_d
     assert metrics["world_size"] == 2 and metrics["train_windows"] == 137
 
     cmd = launcher() + [str(SCRIPT)] + args(shared_data, tiny_checkpoint, stopped)
-    log = (tmp_path / "stopped.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV1, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with (tmp_path / "stopped.log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV1, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     first = stopped / "checkpoints" / "step0000004" / "complete.json"
     deadline = time.time() + 300
     while not first.is_file() and proc.poll() is None and time.time() < deadline:
