@@ -154,7 +154,7 @@ def run_one(spec: RunSpec, args, out: Path, slot: int = 0) -> dict:
         "scheduler": json.dumps({"type": "WarmupPolyDecay", "params": {"warmup_proportion": args.warmup,
                                                                        "power": args.power}}),
         "pretrain.eval_every": eval_every, "pretrain.eval_samples": args.eval_samples,
-        "pretrain.log_every": max(1, min(eval_every, 50)), "pretrain.checkpoint_every": 0,
+        "pretrain.log_every": log_every(spec.steps), "pretrain.checkpoint_every": 0,
         "pretrain.keep_checkpoints": 1, "pretrain.tensorboard": "false",
     }
     if spec.optimizer != "lamb":
@@ -188,6 +188,40 @@ def run_one(spec: RunSpec, args, out: Path, slot: int = 0) -> dict:
         write_json(done, result)  # last: its presence means the run is finished
         compact(run_dir)
     return result
+
+
+def log_every(steps: int) -> int:
+    """Training-loss records every 50 steps at most and at least 50 per run: the training MLM loss
+    (fresh samples while a run stays within one epoch) then times the target to a few hundred
+    steps at the smallest batch and to 2 steps at the largest, where 8 held-out evaluations
+    leave an eighth of the run between two readings."""
+    return max(1, min(50, steps // 50))
+
+
+def confirm_specs(args) -> list[RunSpec]:
+    """``--confirm GRID``: the best lr of each (optimizer, batch) of a finished lr search (lowest
+    final held-out loss with the study's seed), run again with ``--seeds``: its lr was picked on
+    that seed's noise, fresh seeds measure it without the pick's optimism. Largest batch first,
+    seeds in the given order, optimizers side by side."""
+    src = args.confirm / "results.json"
+    if not src.is_file():
+        raise ValueError(f"--confirm: {src} not found (a scaling study's output, written by --summarize)")
+    grid = json.loads(src.read_text())
+    specs = []
+    for (opt, batch), r in best_per_batch(grid).items():
+        if opt not in args.optimizers or batch not in args.batch_sizes:
+            continue
+        for seed in args.seeds:
+            spec = make_spec(args, opt, batch, r["lr_multiplier"], seed_offset=seed)
+            if not math.isclose(spec.lr, r["lr"], rel_tol=1e-9) or spec.steps != r["steps"]:
+                raise ValueError(f"--confirm: {r['name']} in {args.confirm} ran lr {r['lr']:.6g} for {r['steps']} "
+                                 f"steps, this command gives lr {spec.lr:.6g} for {spec.steps}: pass the study's "
+                                 "--lr, --base-batch, --lr-rule and --samples")
+            specs.append(spec)
+    if not specs:
+        raise ValueError(f"--confirm: {args.confirm} has no finished run of {','.join(args.optimizers)} at batch "
+                         f"{','.join(map(str, args.batch_sizes))}")
+    return sorted(specs, key=lambda s: (-s.batch, args.seeds.index(s.seed_offset), args.optimizers.index(s.optimizer)))
 
 
 def compact(run_dir: Path) -> None:
@@ -653,6 +687,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--parallel", type=int, default=1, help="runs at once (CPU threads shared between them)")
     ap.add_argument("--summarize", action="store_true",
                     help="train nothing: write the outputs from the runs finished so far")
+    ap.add_argument("--confirm", type=Path, default=None, metavar="GRID_DIR",
+                    help="run the best lr per optimizer and batch of a finished study (GRID_DIR) with --seeds, "
+                         "in --output (the study's --lr, --base-batch, --lr-rule, --samples)")
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
+                    help="with --confirm: seed offsets to run (0 is the study's own seed)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--master-port", type=int, default=29561)
     args = ap.parse_args(argv)
@@ -664,8 +703,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             ap.error(f"batch {b} is not divisible by --np {args.np}")
     if args.parallel < 1:
         ap.error("--parallel must be at least 1")
+    if args.confirm is not None and args.confirm.resolve() == args.output.resolve():
+        ap.error("--confirm GRID_DIR needs another --output")
+    try:
+        specs = confirm_specs(args) if args.confirm is not None else plan(args)
+    except ValueError as exc:
+        print(f"scaling: {exc}", file=sys.stderr)
+        return 2
     args.output.mkdir(parents=True, exist_ok=True)
-    specs = plan(args)
     try:
         unigram = unigram_entropy(args.data)
     except (OSError, KeyError, ValueError) as exc:
@@ -708,7 +753,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if missing:
             print(f"scaling: {len(missing)} planned runs not finished: {', '.join(missing)}")
     else:
-        order = sorted(range(len(specs)), key=lambda i: run_priority(specs[i], specs, args.optimizers))
+        order = range(len(specs)) if args.confirm is not None else \
+            sorted(range(len(specs)), key=lambda i: run_priority(specs[i], specs, args.optimizers))
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
             for future in [pool.submit(work, i, specs[i]) for i in order]:
                 future.result()
@@ -721,7 +767,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     def edges_others(a, rs):  # those searched at the ends only come last
         return [x for x in edge_specs(a, rs) if x.optimizer not in searched]
 
-    for extra_phase in (edges_searched, repeat_specs, edges_others):
+    for extra_phase in (edges_searched, repeat_specs, edges_others) if args.confirm is None else ():
         extra = [x for x in extra_phase(args, [results[k] for k in sorted(results)])
                  if x.name not in {sp.name for sp in specs}]
         if not extra:

@@ -30,7 +30,10 @@ from typing import Optional
 
 import torch
 
-STATS = ("loss_sum", "micro_batches", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count")
+# Interval sums. The MLM loss is summed per masked token and the NSP loss per sample, so their
+# means over an interval (and over ranks) weigh every prediction alike, as the held-out ones do.
+STATS = ("loss_sum", "micro_batches", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count",
+         "mlm_loss_sum", "nsp_loss_sum")
 
 
 class TrainingDiverged(RuntimeError):
@@ -74,7 +77,8 @@ class StepAccountant:
         loss = out.loss.detach().double()
         self.step_stats += torch.stack([
             loss, self._one, out.mlm_correct.double(), out.mlm_count.double(), out.nsp_correct.double(),
-            out.nsp_count.double()])
+            out.nsp_count.double(), out.mlm_loss.detach().double() * out.mlm_count,
+            out.nsp_loss.detach().double() * out.nsp_count])
         self.tokens += batch["attention_mask"].sum()
         self.samples += int(batch["attention_mask"].shape[0])
         if not self.fp16:

@@ -55,6 +55,11 @@ def test_effective_config_and_metrics_are_written(phase1):
     rec = [json.loads(x) for x in (phase1 / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "samples_per_s", "data_wait", "trust_min", "trust_median"} <= set(rec[0])
     assert all(0 <= r["data_wait"] < 1 for r in rec if "loss" in r)
+    # the training loss split into its parts (MLM per masked token, NSP per sample): they add up to
+    # the loss up to how unevenly the masked tokens fall over the micro-batches
+    for r in (r for r in rec if "loss" in r):
+        assert 0 < r["nsp_loss"] < 2 and r["mlm_loss"] > 1
+        assert r["mlm_loss"] + r["nsp_loss"] == pytest.approx(r["loss"], rel=0.02)
     assert any("eval_mlm_loss" in r for r in rec)
     assert (phase1 / "straight" / "tensorboard").is_dir()
 

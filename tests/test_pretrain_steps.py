@@ -35,9 +35,10 @@ class StandInEngine:
         return self._applied
 
 
-def output(loss: float, correct: int = 3, count: int = 5):
+def output(loss: float, correct: int = 3, count: int = 5, nsp_loss: float = 0.5):
     t = lambda x: torch.tensor(x)  # noqa: E731
-    return SimpleNamespace(loss=t(loss), mlm_correct=t(correct), mlm_count=t(count), nsp_correct=t(1), nsp_count=t(2))
+    return SimpleNamespace(loss=t(loss), mlm_loss=t(loss - nsp_loss), nsp_loss=t(nsp_loss), mlm_correct=t(correct),
+                           mlm_count=t(count), nsp_correct=t(1), nsp_count=t(2))
 
 
 BATCH = {"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), "input_ids": torch.zeros(2, 4)}
@@ -66,6 +67,9 @@ def test_skipped_fp16_steps_do_not_count_and_are_reported():
     assert iv["steps"] == 2 and iv["micro_batches"] == 4
     assert iv["loss_sum"] == pytest.approx(4.0 + 6.0 + 2.0 + 4.0)
     assert iv["mlm_correct"] == 12 and iv["mlm_count"] == 20
+    # the MLM loss summed per masked token (5 per micro-batch), the NSP loss per sample (2)
+    assert iv["mlm_loss_sum"] == pytest.approx(5 * (3.5 + 5.5 + 1.5 + 3.5))
+    assert iv["nsp_loss_sum"] == pytest.approx(4 * 2 * 0.5)
     # throughput counts all the work: 10 micro-batches of 2 samples, 5 real tokens each
     assert iv["samples"] == 20 and iv["tokens"] == 50
 
