@@ -50,8 +50,10 @@ from typing import Optional
 from data_prep.atomic import atomic_path, save_figure, write_json, write_text
 from optim.schedules import scale_lr
 from pretrain.checkpoint import checkpoint_dirs
+from pretrain.confirm import with_train_target, write_confirm_outputs
 
 REPO = Path(__file__).resolve().parents[1]
+TRAIN_WINDOW = 8192  # samples the training MLM loss is smoothed over before steps to --train-target are read
 
 OPTIMIZERS = {
     # name -> optimizer block (lr filled in); LAMB as NVIDIA's recipe, LARS on momentum SGD.
@@ -147,7 +149,7 @@ def run_one(spec: RunSpec, args, out: Path, slot: int = 0) -> dict:
     run_dir = out / spec.name
     done = run_dir / "result.json"
     if done.is_file():
-        return with_target(json.loads(done.read_text()), args.target_loss)
+        return with_targets(json.loads(done.read_text()), run_dir, args)
     eval_every = max(1, spec.steps // args.eval_points)
     sets = {
         "optimizer": json.dumps(OPTIMIZERS[spec.optimizer](spec.lr)),
@@ -183,7 +185,7 @@ def run_one(spec: RunSpec, args, out: Path, slot: int = 0) -> dict:
               "gns": read_noise(run_dir, spec.batch),
               "final_loss": evals[-1]["eval_mlm_loss"] if evals else math.nan,
               "diverged": proc.returncode == 3}
-    with_target(result, args.target_loss)
+    with_targets(result, run_dir, args)
     if proc.returncode in (0, 3):  # finished, or stopped on a non-finite loss: both are results
         write_json(done, result)  # last: its presence means the run is finished
         compact(run_dir)
@@ -234,6 +236,13 @@ def compact(run_dir: Path) -> None:
         lines = log.read_text(errors="replace").splitlines()
         if len(lines) > 200:
             write_text(log, "\n".join(["[... earlier lines dropped]"] + lines[-200:]) + "\n")
+
+
+def with_targets(result: dict, run_dir: Path, args) -> dict:
+    """Steps to the held-out target and, with ``--train-target``, to the training MLM loss target."""
+    with_target(result, args.target_loss)
+    return with_train_target(result, run_dir, getattr(args, "train_target", None),
+                             getattr(args, "train_window", TRAIN_WINDOW))
 
 
 def with_target(result: dict, target: float) -> dict:
@@ -374,7 +383,10 @@ def scaling_summary(results: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def write_outputs(results: list[dict], out: Path, target: float, unigram: Optional[float] = None) -> None:
+def write_outputs(results: list[dict], out: Path, target: float, unigram: Optional[float] = None,
+                  study: bool = True) -> None:
+    """results.csv, summary.json, results.json; for a study (not --confirm) also comparison.md and
+    the plots."""
     with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "optimizer", "batch", "lr", "lr_multiplier", "step", "samples", "eval_mlm_loss",
@@ -390,6 +402,8 @@ def write_outputs(results: list[dict], out: Path, target: float, unigram: Option
     write_json(out / "summary.json", {"target_loss": target, "unigram_entropy": unigram, "runs": summary,
                                       "scaling": scaling_summary(results)})
     write_json(out / "results.json", results, indent=None)  # what plot() needs, for --predict's overlay
+    if not study:
+        return
     prediction = overlay_prediction(results, out, target)
     write_text(out / "comparison.md", comparison_table(results, target, unigram, prediction))
     try:
@@ -682,7 +696,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=64, help="largest micro batch per rank (accumulate above)")
     ap.add_argument("--eval-points", type=int, default=8)
     ap.add_argument("--eval-samples", type=int, default=1024)
-    ap.add_argument("--target-loss", type=float, default=4.5)
+    ap.add_argument("--target-loss", type=float, default=4.5, help="held-out MLM loss target")
+    ap.add_argument("--train-target", type=float, default=None,
+                    help="training MLM loss target, read from each run's training records (pretrain/confirm.py)")
+    ap.add_argument("--train-window", type=float, default=TRAIN_WINDOW,
+                    help="samples the training MLM loss is smoothed over before --train-target is read")
     ap.add_argument("--np", type=int, default=2, help="processes per run")
     ap.add_argument("--parallel", type=int, default=1, help="runs at once (CPU threads shared between them)")
     ap.add_argument("--summarize", action="store_true",
@@ -723,6 +741,13 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"output {args.output}", flush=True)
     results: dict[int, dict] = {}
     lock = threading.Lock()
+    source = [with_target(r, args.target_loss) for r in json.loads((args.confirm / "results.json").read_text())] \
+        if args.confirm is not None else []  # the study's own runs, timed to this command's target
+
+    def outputs(rs: list[dict]) -> None:
+        write_outputs(rs, args.output, args.target_loss, unigram, study=args.confirm is None)
+        if args.confirm is not None:
+            write_confirm_outputs(rs, source, args.output, args.target_loss, args.train_target, args.train_window)
     free_slots = list(range(args.parallel))
 
     def work(i: int, spec: RunSpec) -> None:
@@ -741,7 +766,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"[{len(results)}/{len(specs)}] {spec.name}: {spec.steps} steps of {spec.batch} "
                   f"(micro {spec.micro_batch}), lr {spec.lr:.2e} -> final held-out loss {r['final_loss']:.4f} "
                   f"({status})", flush=True)
-            write_outputs([results[k] for k in sorted(results)], args.output, args.target_loss, unigram)
+            outputs([results[k] for k in sorted(results)])
 
     if args.summarize:
         missing = []
@@ -787,7 +812,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if pending:
         print(f"scaling: {len(pending)} edge extensions and repeats not finished: {', '.join(pending)}")
     results = [results[k] for k in sorted(results)]
-    write_outputs(results, args.output, args.target_loss, unigram)
+    outputs(results)
     print_table(results, args.target_loss)
     print(json.dumps({"scaling": str(args.output), "runs": len(results)}))
     return 0 if all(r["exit_code"] in (0, 3) for r in results) else 1

@@ -1,0 +1,198 @@
+"""Fresh seeds at a study's best learning rates: final losses and steps to a target with their spread.
+
+``python -m pretrain.scaling --confirm GRID_DIR --seeds 1,2 --output CONFIRM_DIR ...`` reruns, for
+each optimizer and batch, the learning rate that the study (GRID_DIR) found best on its own seed.
+That pick rode on the seed's noise, so the picked run flatters its lr; fresh seeds measure it
+without the pick, and their spread is the noise any comparison between batches or optimizers has
+to beat. This module reads them back:
+
+- steps to a **training MLM loss** target (``--train-target``), timed from the training records:
+  every training sample is fresh while a run stays within its first epoch, so the training MLM
+  loss of an interval estimates the loss on unseen text (with dropout on: it sits above the
+  held-out loss by a gap of its own). A record is the mean over the steps since the previous
+  one; it stands at the middle of its interval, and is averaged with its neighbours over a window
+  of ``--train-window`` samples (the same at every batch) before the first crossing is read;
+- steps to the held-out target, as the study reads them (between its evaluations);
+- per optimizer and batch: each seed's figures, their mean and range, and the study's own seed
+  (0) beside them, in ``seeds.md``, ``seeds.json`` and ``seeds.png``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+from data_prep.atomic import save_figure, write_json, write_text
+
+
+def train_curve(run_dir: Path, batch: int) -> list[dict]:
+    """The run's training MLM loss records: [{"step", "samples" (middle of the interval the record
+    averages), "width" (its samples), "mlm_loss"}]; empty when the run did not log it."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out: list[dict] = []
+    if not path.is_file():
+        return out
+    prev = 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a torn last line
+        if rec.get("mlm_loss") is None or "step" not in rec:
+            continue
+        step = rec["step"]
+        if step > prev and math.isfinite(rec["mlm_loss"]):
+            out.append({"step": step, "samples": (prev + step) / 2 * batch, "width": (step - prev) * batch,
+                        "mlm_loss": rec["mlm_loss"]})
+        prev = max(prev, step)
+    return out
+
+
+def smoothed(curve: list[dict], window: float) -> list[float]:
+    """Each record's loss averaged with the records whose middles lie within ``window``/2 samples
+    of its own, weighted by the samples each covers."""
+    out = []
+    for c in curve:
+        near = [d for d in curve if abs(d["samples"] - c["samples"]) <= window / 2] or [c]
+        out.append(sum(d["mlm_loss"] * d["width"] for d in near) / sum(d["width"] for d in near))
+    return out
+
+
+def samples_to_target(curve: list[dict], target: float, window: float) -> Optional[float]:
+    """Samples at which the smoothed training MLM loss first reaches ``target``, interpolated
+    linearly between the records on either side; None if it never does."""
+    ys = smoothed(curve, window)
+    for i, y in enumerate(ys):
+        if y <= target:
+            if i == 0:
+                return curve[0]["samples"]
+            x0, x1, y0 = curve[i - 1]["samples"], curve[i]["samples"], ys[i - 1]
+            return x0 + (y0 - target) / (y0 - y) * (x1 - x0)
+    return None
+
+
+def with_train_target(result: dict, run_dir: Path, target: Optional[float], window: float) -> dict:
+    """Adds ``train_samples_to_target`` and ``train_steps_to_target`` (None: not reached, not
+    logged or no target) to a scaling result."""
+    samples = None
+    if target is not None:
+        samples = samples_to_target(train_curve(run_dir, result["batch"]), target, window)
+    result["train_target"] = target
+    result["train_samples_to_target"] = samples
+    result["train_steps_to_target"] = None if samples is None else samples / result["batch"]
+    return result
+
+
+def _stats(values: list[Optional[float]]) -> dict:
+    got = [v for v in values if v is not None and v == v]
+    return {"values": values, "mean": sum(got) / len(got) if got else None,
+            "min": min(got) if got else None, "max": max(got) if got else None,
+            "missing": len(values) - len(got)}
+
+
+def seed_summary(results: list[dict], source: list[dict]) -> list[dict]:
+    """Per (optimizer, batch) of the confirmation runs: the fresh seeds' final held-out losses and
+    steps to both targets, and the study's pick (seed 0, from ``source``) beside them."""
+    rows = []
+    for opt, batch in sorted({(r["optimizer"], r["batch"]) for r in results}, key=lambda k: (k[1], k[0])):
+        runs = sorted((r for r in results if r["optimizer"] == opt and r["batch"] == batch),
+                      key=lambda r: r["seed_offset"])
+        mult = runs[0]["lr_multiplier"]
+        pick = next((s for s in source if s["optimizer"] == opt and s["batch"] == batch
+                     and s.get("seed_offset", 0) == 0 and s["lr_multiplier"] == mult), None)
+        rows.append({
+            "optimizer": opt, "batch": batch, "lr": runs[0]["lr"], "lr_multiplier": mult,
+            "seeds": [r["seed_offset"] for r in runs],
+            "final_loss": _stats([r["final_loss"] for r in runs]),
+            "steps_to_target": _stats([r.get("steps_to_target") for r in runs]),
+            "train_steps_to_target": _stats([r.get("train_steps_to_target") for r in runs]),
+            "pick": None if pick is None else {"name": pick["name"], "final_loss": pick["final_loss"],
+                                              "steps_to_target": pick.get("steps_to_target")}})
+    return rows
+
+
+def _fmt(st: dict, digits: int, steps: bool = False) -> str:
+    vals = ", ".join("–" if v is None else (f"{v:,.0f}" if steps else f"{v:.{digits}f}") for v in st["values"])
+    if st["mean"] is None:
+        return vals
+    mean = f"{st['mean']:,.0f}" if steps else f"{st['mean']:.{digits}f}"
+    return f"**{mean}** ({vals})"
+
+
+def seeds_table(rows: list[dict], target: float, train_target: Optional[float], window: float) -> str:
+    lines = [f"Fresh seeds at the study's best lr per optimizer and batch: mean **bold** (each seed). "
+             f"Steps to held-out loss {target} are read between the 8 evaluations; steps to training MLM "
+             + (f"loss {train_target} from the training records, smoothed over {window:,.0f} samples."
+                if train_target is not None else "loss: no --train-target given.")
+             + " `–`: not reached. The study's own seed (its pick) is shown apart: it chose the lr.", "",
+             "| batch | optimizer | lr (×) | final held-out loss | steps to held-out "
+             f"{target} | steps to training {train_target} | the pick (seed 0): final, steps |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pick = r["pick"]
+        pick_s = "" if pick is None else (f"{pick['final_loss']:.3f}, " + (
+            f"{pick['steps_to_target']:,.0f}" if pick["steps_to_target"] is not None else "–"))
+        lines.append(f"| {r['batch']:,} | {r['optimizer']} | {r['lr']:.3g} (×{r['lr_multiplier']:.3g}) | "
+                     f"{_fmt(r['final_loss'], 3)} | {_fmt(r['steps_to_target'], 0, True)} | "
+                     f"{_fmt(r['train_steps_to_target'], 0, True)} | {pick_s} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_confirm_outputs(results: list[dict], source: list[dict], out: Path, target: float,
+                          train_target: Optional[float], window: float) -> list[dict]:
+    rows = seed_summary(results, source)
+    write_json(out / "seeds.json", {"target_loss": target, "train_target": train_target, "train_window": window,
+                                    "rows": rows})
+    write_text(out / "seeds.md", seeds_table(rows, target, train_target, window))
+    try:
+        plot_confirm(results, rows, out, train_target, window)
+    except ImportError:
+        pass  # scaling.write_outputs has said that matplotlib is missing
+    return rows
+
+
+def plot_confirm(results: list[dict], rows: list[dict], out: Path, train_target: Optional[float],
+                 window: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    opts = sorted({r["optimizer"] for r in rows})
+    colour = {o: f"C{i}" for i, o in enumerate(opts)}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    batches = sorted({r["batch"] for r in rows})
+    shade = {b: 0.35 + 0.65 * i / max(1, len(batches) - 1) for i, b in enumerate(batches)}
+    for r in results:  # training MLM curves, smoothed as they are read
+        curve = train_curve(out / r["name"], r["batch"])
+        if curve:
+            a1.plot([c["samples"] for c in curve], smoothed(curve, window), lw=0.9, color=colour[r["optimizer"]],
+                    alpha=shade[r["batch"]])
+    for o in opts:
+        a1.plot([], [], color=colour[o], label=f"{o} (darker: larger batch)")
+    if train_target is not None:
+        a1.axhline(train_target, color="grey", ls=":", lw=1)
+    a1.set(xscale="log", xlabel="samples", ylabel=f"training MLM loss (smoothed over {window:,.0f} samples)",
+           title="every fresh-seed run")
+    a1.legend(fontsize=7)
+    key = "train_steps_to_target" if train_target is not None else "steps_to_target"
+    for o in opts:
+        pts = [(r["batch"], v) for r in rows if r["optimizer"] == o for v in r[key]["values"] if v is not None]
+        means = [(r["batch"], r[key]["mean"]) for r in rows if r["optimizer"] == o and r[key]["mean"] is not None]
+        if pts:
+            a2.scatter([b for b, _ in pts], [v for _, v in pts], s=14, color=colour[o], alpha=0.6)
+        if means:
+            a2.plot([b for b, _ in means], [v for _, v in means], marker="o", color=colour[o], label=f"{o} (mean)")
+    firsts = [(r["batch"], r[key]["mean"]) for r in rows if r[key]["mean"] is not None]
+    if firsts:
+        b0, s0 = min(firsts)
+        a2.plot(batches, [s0 * b0 / b for b in batches], "k--", lw=1, label="ideal linear scaling")
+    what = f"training MLM loss {train_target}" if train_target is not None else "held-out target"
+    a2.set(xscale="log", yscale="log", xlabel="global batch", ylabel=f"steps to {what}",
+           title="steps to target: each seed, and the mean")
+    if a2.get_legend_handles_labels()[0]:
+        a2.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, out / "seeds.png", dpi=120)
+    plt.close(fig)

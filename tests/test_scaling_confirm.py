@@ -1,0 +1,144 @@
+"""pretrain.scaling --confirm and pretrain.confirm: fresh seeds at a study's best lrs, and steps to a
+training-loss target read from the training records (no training launched: run.py's records are
+covered by test_pretrain_e2e)."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from pretrain import confirm, scaling
+
+
+def write_records(run_dir, records):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def test_training_records_stand_at_the_middle_of_their_interval(tmp_path):
+    write_records(tmp_path, [{"step": 10, "loss": 9.0, "mlm_loss": 8.0}, {"step": 10, "eval_mlm_loss": 7.0},
+                             {"step": 30, "loss": 7.0, "mlm_loss": 6.0}, {"step": 40, "loss": 6.0}])
+    curve = confirm.train_curve(tmp_path, batch=8)
+    # the record at step 30 averages steps 11..30: its middle is step 20, 160 samples, 160 wide
+    assert curve == [{"step": 10, "samples": 40, "width": 80, "mlm_loss": 8.0},
+                     {"step": 30, "samples": 160, "width": 160, "mlm_loss": 6.0}]
+    assert confirm.train_curve(tmp_path / "nothing", 8) == []
+
+
+def test_crossing_is_interpolated_and_smoothing_weighs_by_samples():
+    curve = [{"samples": s, "width": w, "mlm_loss": y} for s, w, y in
+             ((50, 100, 7.0), (150, 100, 6.0), (300, 200, 5.0), (500, 200, 4.0))]
+    # no neighbours within the window: 5.5 halfway between 150 and 300 samples
+    assert confirm.samples_to_target(curve, 5.5, window=10) == pytest.approx(225)
+    assert confirm.samples_to_target(curve, 3.0, window=10) is None
+    assert confirm.samples_to_target(curve, 7.5, window=10) == 50  # the first record already below
+    # window 300 (150 either side): 50 averages 50/150 -> 6.5; 150 averages 50/150/300 ->
+    # (700 + 600 + 1000) / 400 = 5.75; 300 averages 150/300 (not 500: 200 away) -> 1600 / 300; 500 alone
+    ys = confirm.smoothed(curve, window=300)
+    assert ys == pytest.approx([6.5, 5.75, 1600 / 300, 4.0])
+    y1, y2 = ys[1], ys[2]
+    assert confirm.samples_to_target(curve, 5.5, window=300) == pytest.approx(150 + (y1 - 5.5) / (y1 - y2) * 150)
+
+
+def test_smoothing_reads_a_noisy_curve_near_its_true_crossing():
+    """A loss falling as 6 + 3·exp(-s/20k) crosses 6.3 at s = 20k·ln 10 ≈ 46,052 samples, with a
+    slope of 1.5e-5 per sample there. Records every 1,600 samples with noise of sd 0.05 (2.5 times
+    what 16k masked tokens give) put the first raw crossing off by ~3,300 samples (0.05 / slope);
+    the 8,192-sample window averages ~5 records: ~1,500 samples (~3%) expected, 10% at worst."""
+    rng = random.Random(0)
+    truth = 20000 * math.log(10)
+    raw_errors, smooth_errors = [], []
+    for _ in range(20):
+        curve = [{"samples": s, "width": 1600, "mlm_loss": 6 + 3 * math.exp(-s / 20000) + rng.gauss(0, 0.05)}
+                 for s in range(800, 200000, 1600)]
+        raw_errors.append(abs(confirm.samples_to_target(curve, 6.3, window=1) - truth) / truth)
+        smooth_errors.append(abs(confirm.samples_to_target(curve, 6.3, window=8192) - truth) / truth)
+    assert max(smooth_errors) < 0.10 and sum(smooth_errors) / 20 < 0.03
+    assert sum(smooth_errors) < 0.6 * sum(raw_errors)
+
+
+def grid_result(opt, batch, mult, final, seed=0, lr_base=None):
+    lr = scaling.scale_lr(lr_base or {"lamb": 5e-3, "adamw": 1.5e-3}[opt], 64, batch, "sqrt") * mult
+    name = f"{opt}_b{batch}_lrx{mult:g}" + (f"_s{seed}" if seed else "")
+    return {"optimizer": opt, "batch": batch, "lr": lr, "lr_multiplier": mult, "steps": 4096 // batch,
+            "micro_batch": 64, "seed_offset": seed, "name": name, "exit_code": 0, "wall_s": 1.0,
+            "final_loss": final, "steps_to_target": None,
+            "evals": [{"step": 4096 // batch, "samples": 4096, "eval_mlm_loss": final, "eval_mlm_acc": 0.1,
+                       "eval_nsp_acc": 0.5}]}
+
+
+def write_grid(grid):
+    grid.mkdir()
+    results = [grid_result("lamb", 64, 1, 6.2), grid_result("lamb", 64, 3, 6.0), grid_result("lamb", 64, 3, 5.9, seed=1),
+               grid_result("lamb", 256, 1, 6.3), grid_result("lamb", 256, 3, 6.4),
+               grid_result("adamw", 256, 0.333333, 6.5), grid_result("adamw", 256, 1, 6.6)]
+    (grid / "results.json").write_text(json.dumps(results))
+
+
+ARGS = ["--config", "c.json", "--data", "d", "--batch-sizes", "64,256", "--optimizers", "lamb,adamw",
+        "--samples", "4096", "--base-batch", "64", "--lr", "lamb=5e-3,adamw=1.5e-3", "--np", "1"]
+
+
+def test_confirm_runs_each_best_lr_with_fresh_seeds_and_summarises_them(tmp_path, monkeypatch, capsys):
+    write_grid(tmp_path / "grid")
+    out = tmp_path / "confirm"
+    launched = []
+
+    def fake_run(cmd, stdout, stderr, env):
+        run_dir = __import__("pathlib").Path(cmd[cmd.index("--output") + 1])
+        seed = int(cmd[cmd.index("--seed") + 1])
+        batch = int(cmd[cmd.index("--train-batch-size") + 1])
+        launched.append((run_dir.name, seed, cmd[cmd.index("--max-steps") + 1]))
+        assert f"pretrain.log_every={scaling.log_every(4096 // batch)}" in cmd
+        # a loss that falls with samples; the second seed a little slower
+        recs = []
+        for step in range(1, 4096 // batch + 1):
+            recs.append({"step": step, "loss": 7.0, "mlm_loss": 7.0 - 2.0 * step * batch / 4096 + 0.1 * (seed - 43)})
+        recs.append({"step": 4096 // batch, "eval_mlm_loss": 5.5 + 0.01 * seed, "eval_mlm_acc": 0.1,
+                     "eval_nsp_acc": 0.5})
+        write_records(run_dir, recs)
+
+        class P:
+            returncode = 0
+        return P()
+
+    monkeypatch.setattr(scaling, "run_process", fake_run)
+    rc = scaling.main(ARGS + ["--output", str(out), "--confirm", str(tmp_path / "grid"), "--seeds", "1,2",
+                              "--train-target", "6.0", "--train-window", "1", "--seed", "42"])
+    assert rc == 0, capsys.readouterr().err
+    # best by final loss on the study's seed: lamb x3 at 64 (the seed-1 repeat is no candidate),
+    # lamb x1 at 256, adamw x1/3 at 256; largest batch first, seeds in order, optimizers side by side
+    assert launched == [("lamb_b256_lrx1_s1", 43, "16"), ("adamw_b256_lrx0.333333_s1", 43, "16"),
+                        ("lamb_b256_lrx1_s2", 44, "16"), ("adamw_b256_lrx0.333333_s2", 44, "16"),
+                        ("lamb_b64_lrx3_s1", 43, "64"), ("lamb_b64_lrx3_s2", 44, "64")]
+    seeds = json.loads((out / "seeds.json").read_text())
+    rows = {(r["optimizer"], r["batch"]): r for r in seeds["rows"]}
+    lamb64 = rows[("lamb", 64)]
+    assert lamb64["seeds"] == [1, 2] and lamb64["pick"]["final_loss"] == 6.0
+    assert lamb64["final_loss"]["values"] == pytest.approx([5.93, 5.94])
+    # 7 - step/32 (+0.1 for seed 2) reaches 6.0 in the record of step 32 (35.2 for seed 2, between the
+    # records of 35 and 36); each record stands at the middle of its step: 31.5 and 34.7
+    assert lamb64["train_steps_to_target"]["values"] == pytest.approx([31.5, 34.7])
+    assert lamb64["train_steps_to_target"]["mean"] == pytest.approx(33.1)
+    table = (out / "seeds.md").read_text()
+    assert "| 256 | adamw |" in table and "6.500, –" in table  # the pick, which never reached 6.2
+    assert (out / "seeds.png").stat().st_size > 0
+    # rerun: nothing trains again, same summary
+    monkeypatch.setattr(scaling, "run_process", lambda *a, **k: pytest.fail("re-ran a finished run"))
+    assert scaling.main(ARGS + ["--output", str(out), "--confirm", str(tmp_path / "grid"), "--seeds", "1,2",
+                                "--train-target", "6.0", "--train-window", "1", "--summarize"]) == 0
+    assert json.loads((out / "seeds.json").read_text())["rows"] == seeds["rows"]
+
+
+def test_confirm_refuses_a_missing_study_and_other_lr_settings_in_one_line(tmp_path, capsys):
+    rc = scaling.main(ARGS + ["--output", str(tmp_path / "c"), "--confirm", str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope/results.json not found" in err and "Traceback" not in err
+    write_grid(tmp_path / "grid")
+    rc = scaling.main([a if a != "lamb=5e-3,adamw=1.5e-3" else "lamb=6e-3,adamw=1.5e-3" for a in ARGS]
+                      + ["--output", str(tmp_path / "c"), "--confirm", str(tmp_path / "grid")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pass the study's --lr" in err and "lamb_b64_lrx3" in err
+    assert not (tmp_path / "c").exists()  # refused before any output
