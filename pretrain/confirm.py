@@ -14,7 +14,10 @@ to beat. This module reads them back:
   of ``--train-window`` samples (the same at every batch) before the first crossing is read;
 - steps to the held-out target, as the study reads them (between its evaluations);
 - per optimizer and batch: each seed's figures, their mean and range, and the study's own seed
-  (0) beside them, in ``seeds.md``, ``seeds.json`` and ``seeds.png``.
+  (0) beside them, in ``seeds.md``, ``seeds.json`` and ``seeds.png``;
+- per optimizer, the noise-scale prediction (``pretrain/predict.py``) of the steps to the training
+  target at every batch, from each fresh seed at its smallest batch: its noise-scale course and its
+  steps to the target as read above.
 """
 from __future__ import annotations
 
@@ -112,6 +115,39 @@ def seed_summary(results: list[dict], source: list[dict]) -> list[dict]:
     return rows
 
 
+def predictions(results: list[dict], out: Path, train_target: Optional[float]) -> dict[str, dict]:
+    """Per optimizer: the steps to ``train_target`` predicted at every batch of ``results`` from each
+    seed at the optimizer's smallest batch that reached it; per batch the mean over those seeds and
+    the band (lowest low-noise to highest high-noise estimate)."""
+    from pretrain import predict as pred
+
+    if train_target is None:
+        return {}
+    batches = sorted({r["batch"] for r in results})
+    found: dict[str, dict] = {}
+    for opt in sorted({r["optimizer"] for r in results}):
+        small = min(r["batch"] for r in results if r["optimizer"] == opt)
+        made = []
+        for r in sorted(results, key=lambda r: r["name"]):
+            if r["optimizer"] == opt and r["batch"] == small and r.get("train_steps_to_target") is not None:
+                try:
+                    made.append(pred.predict(out / r["name"], batches, train_target, "mlm_loss",
+                                             run_steps=r["train_steps_to_target"]))
+                except (FileNotFoundError, ValueError):
+                    continue  # no noise-scale log: nothing to predict from
+        if made:
+            found[opt] = {"from": [Path(p["run"]).name for p in made], "batch": small,
+                          "noise_scale_at_target": [p["noise_scale_at_target"] for p in made],
+                          "batches": [{"batch": b,
+                                       "steps": sum(p["batches"][i]["steps"] for p in made) / len(made),
+                                       "low": min(min(p["batches"][i]["steps_low_noise"], p["batches"][i]["steps_high_noise"])
+                                                  for p in made),
+                                       "high": max(max(p["batches"][i]["steps_low_noise"], p["batches"][i]["steps_high_noise"])
+                                                   for p in made)}
+                                      for i, b in enumerate(batches)]}
+    return found
+
+
 def _fmt(st: dict, digits: int, steps: bool = False) -> str:
     vals = ", ".join("–" if v is None else (f"{v:,.0f}" if steps else f"{v:.{digits}f}") for v in st["values"])
     if st["mean"] is None:
@@ -120,40 +156,46 @@ def _fmt(st: dict, digits: int, steps: bool = False) -> str:
     return f"**{mean}** ({vals})"
 
 
-def seeds_table(rows: list[dict], target: float, train_target: Optional[float], window: float) -> str:
+def seeds_table(rows: list[dict], target: float, train_target: Optional[float], window: float,
+                predicted: Optional[dict] = None) -> str:
+    predicted = predicted or {}
     lines = [f"Fresh seeds at the study's best lr per optimizer and batch: mean **bold** (each seed). "
              f"Steps to held-out loss {target} are read between the 8 evaluations; steps to training MLM "
              + (f"loss {train_target} from the training records, smoothed over {window:,.0f} samples."
                 if train_target is not None else "loss: no --train-target given.")
-             + " `–`: not reached. The study's own seed (its pick) is shown apart: it chose the lr.", "",
+             + " `–`: not reached. The study's own seed (its pick) is shown apart: it chose the lr. "
+             "Predicted: by the noise scale of the optimizer's seeds at its smallest batch (mean; band).", "",
              "| batch | optimizer | lr (×) | final held-out loss | steps to held-out "
-             f"{target} | steps to training {train_target} | the pick (seed 0): final, steps |",
-             "|---|---|---|---|---|---|---|"]
+             f"{target} | steps to training {train_target} | predicted | the pick (seed 0): final, steps |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pick = r["pick"]
         pick_s = "" if pick is None else (f"{pick['final_loss']:.3f}, " + (
             f"{pick['steps_to_target']:,.0f}" if pick["steps_to_target"] is not None else "–"))
+        p = next((b for b in predicted.get(r["optimizer"], {}).get("batches", []) if b["batch"] == r["batch"]), None)
+        pred_s = "" if p is None else f"{p['steps']:,.0f} ({p['low']:,.0f}–{p['high']:,.0f})"
         lines.append(f"| {r['batch']:,} | {r['optimizer']} | {r['lr']:.3g} (×{r['lr_multiplier']:.3g}) | "
                      f"{_fmt(r['final_loss'], 3)} | {_fmt(r['steps_to_target'], 0, True)} | "
-                     f"{_fmt(r['train_steps_to_target'], 0, True)} | {pick_s} |")
+                     f"{_fmt(r['train_steps_to_target'], 0, True)} | {pred_s} | {pick_s} |")
     return "\n".join(lines) + "\n"
 
 
 def write_confirm_outputs(results: list[dict], source: list[dict], out: Path, target: float,
                           train_target: Optional[float], window: float) -> list[dict]:
     rows = seed_summary(results, source)
+    predicted = predictions(results, out, train_target)
     write_json(out / "seeds.json", {"target_loss": target, "train_target": train_target, "train_window": window,
-                                    "rows": rows})
-    write_text(out / "seeds.md", seeds_table(rows, target, train_target, window))
+                                    "rows": rows, "predicted": predicted})
+    write_text(out / "seeds.md", seeds_table(rows, target, train_target, window, predicted))
     try:
-        plot_confirm(results, rows, out, train_target, window)
+        plot_confirm(results, rows, out, train_target, window, predicted)
     except ImportError:
         pass  # scaling.write_outputs has said that matplotlib is missing
     return rows
 
 
 def plot_confirm(results: list[dict], rows: list[dict], out: Path, train_target: Optional[float],
-                 window: float) -> None:
+                 window: float, predicted: Optional[dict] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,6 +226,11 @@ def plot_confirm(results: list[dict], rows: list[dict], out: Path, train_target:
             a2.scatter([b for b, _ in pts], [v for _, v in pts], s=14, color=colour[o], alpha=0.6)
         if means:
             a2.plot([b for b, _ in means], [v for _, v in means], marker="o", color=colour[o], label=f"{o} (mean)")
+    for o, p in (predicted or {}).items():
+        a2.plot([b["batch"] for b in p["batches"]], [b["steps"] for b in p["batches"]], ls=":", color=colour[o],
+                label=f"{o}: predicted from batch {p['batch']}")
+        a2.fill_between([b["batch"] for b in p["batches"]], [b["low"] for b in p["batches"]],
+                        [b["high"] for b in p["batches"]], color=colour[o], alpha=0.1, lw=0)
     firsts = [(r["batch"], r[key]["mean"]) for r in rows if r[key]["mean"] is not None]
     if firsts:
         b0, s0 = min(firsts)

@@ -42,7 +42,9 @@ def read_run(run_dir: Path) -> tuple[list[dict], int]:
 
 def loss_curve(records: list[dict], key: str = "auto") -> tuple[str, list[tuple[int, float]]]:
     """(which loss, [(step, loss)]): the held-out MLM loss when evaluated more than once, else the
-    training loss."""
+    training loss; ``key="mlm_loss"``: the training MLM loss."""
+    if key == "mlm_loss":
+        return key, [(r["step"], r["mlm_loss"]) for r in records if r.get("mlm_loss") is not None]
     held = [(r["step"], r["eval_mlm_loss"]) for r in records if r.get("eval_mlm_loss") is not None]
     if key == "eval_mlm_loss" or (key == "auto" and len(held) > 1):
         return "eval_mlm_loss", held
@@ -77,11 +79,15 @@ def noise_at(curve: list[tuple[int, float, Optional[float]]], step: float) -> fl
     return curve[-1][1]
 
 
-def predict(run_dir: Path, batch_sizes: list[int], target: Optional[float] = None, key: str = "auto") -> dict:
+def predict(run_dir: Path, batch_sizes: list[int], target: Optional[float] = None, key: str = "auto",
+            run_steps: Optional[float] = None) -> dict:
+    """``run_steps``: the steps the run took to ``target`` when the caller read them its own way
+    (pretrain.confirm smooths the training loss first); default: from the logged curve."""
     records, b_run = read_run(Path(run_dir))
     (which, losses), noise = loss_curve(records, key), noise_curve(records)
     if not losses:
-        what = "held-out loss (eval_mlm_loss)" if which == "eval_mlm_loss" else "training loss"
+        what = {"eval_mlm_loss": "held-out loss (eval_mlm_loss)", "mlm_loss": "training MLM loss"}.get(which,
+                                                                                                    "training loss")
         raise ValueError(f"{run_dir}: no {what} in metrics.jsonl")
     if not noise:
         raise ValueError(f"{run_dir}: no gradient noise scale in metrics.jsonl (pretrain.gns_every was 0, or "
@@ -89,7 +95,7 @@ def predict(run_dir: Path, batch_sizes: list[int], target: Optional[float] = Non
     if target is None:  # the loss the run reached (training loss: the mean of its last three log points)
         tail = losses[-1:] if which == "eval_mlm_loss" else losses[-3:]
         target = sum(loss for _, loss in tail) / len(tail)
-    s_run = steps_to(losses, target)
+    s_run = steps_to(losses, target) if run_steps is None else run_steps
     if s_run is None:
         raise ValueError(f"{run_dir}: the run never reached {which} {target:.4f} (its lowest: "
                          f"{min(loss for _, loss in losses):.4f})")

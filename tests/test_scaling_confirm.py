@@ -95,10 +95,12 @@ def test_confirm_runs_each_best_lr_with_fresh_seeds_and_summarises_them(tmp_path
         # a loss that falls with samples; the second seed a little slower
         recs = []
         for step in range(1, 4096 // batch + 1):
-            recs.append({"step": step, "loss": 7.0, "mlm_loss": 7.0 - 2.0 * step * batch / 4096 + 0.1 * (seed - 43)})
+            recs.append({"step": step, "loss": 7.0, "mlm_loss": 7.0 - 2.0 * step * batch / 4096 + 0.1 * (seed - 43),
+                         "gns_b_simple": 64.0, "gns_b_simple_err": 6.4})
         recs.append({"step": 4096 // batch, "eval_mlm_loss": 5.5 + 0.01 * seed, "eval_mlm_acc": 0.1,
                      "eval_nsp_acc": 0.5})
         write_records(run_dir, recs)
+        (run_dir / "config.effective.json").write_text(json.dumps({"train_batch_size": batch}))
 
         class P:
             returncode = 0
@@ -122,6 +124,19 @@ def test_confirm_runs_each_best_lr_with_fresh_seeds_and_summarises_them(tmp_path
     # records of 35 and 36); each record stands at the middle of its step: 31.5 and 34.7
     assert lamb64["train_steps_to_target"]["values"] == pytest.approx([31.5, 34.7])
     assert lamb64["train_steps_to_target"]["mean"] == pytest.approx(33.1)
+    # a constant noise scale of 64: S(B) = S(64)·(1 + 64/B) / (1 + 64/64), so 5/8 of the steps at 256,
+    # from each seed at 64, averaged (McCandlish et al.'s model, with the run's own steps)
+    pred = seeds["predicted"]["lamb"]
+    assert pred["from"] == ["lamb_b64_lrx3_s1", "lamb_b64_lrx3_s2"] and pred["batch"] == 64
+    at256 = next(b for b in pred["batches"] if b["batch"] == 256)
+    assert at256["steps"] == pytest.approx((31.5 + 34.7) / 2 * 5 / 8)
+    # the band: the noise scale ±10% (its error); a larger one leaves fewer steps at the larger batch
+    assert at256["low"] == pytest.approx(31.5 * (1 + 1.1 * 64 / 256) / (1 + 1.1))
+    assert at256["high"] == pytest.approx(34.7 * (1 + 0.9 * 64 / 256) / (1 + 0.9))
+    # AdamW ran at 256 only: predicted from there (7.5 and 8.3 steps to 6.0), more steps at 64
+    adamw = seeds["predicted"]["adamw"]
+    assert adamw["batch"] == 256 and adamw["batches"][0]["batch"] == 64
+    assert adamw["batches"][0]["steps"] == pytest.approx((7.5 + 8.3) / 2 * (1 + 1) / (1 + 64 / 256))
     table = (out / "seeds.md").read_text()
     assert "| 256 | adamw |" in table and "6.500, –" in table  # the pick, which never reached 6.2
     assert (out / "seeds.png").stat().st_size > 0
