@@ -137,7 +137,10 @@ class MetricsLogger:
                     self.writer.add_scalar(f"trust_ratio/{name}", v, step)
             self.writer.flush()
         if "loss" in record:
-            parts = [f"step {record['step']:>6d}", f"loss {record['loss']:.4f}",
+            loss = f"loss {record['loss']:.4f}"
+            if record.get("mlm_loss") is not None and record.get("nsp_loss") is not None:
+                loss += f" (mlm {record['mlm_loss']:.4f} nsp {record['nsp_loss']:.4f})"
+            parts = [f"step {record['step']:>6d}", loss,
                      f"mlm_acc {record['mlm_acc']:.3f}", f"nsp_acc {record['nsp_acc']:.3f}",
                      f"lr {record['lr']:.3e}", f"{record['samples_per_s']:.1f} samples/s",
                      f"{record['tokens_per_s']:.0f} tok/s"]

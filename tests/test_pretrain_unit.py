@@ -148,6 +148,18 @@ def test_metrics_log_drops_records_a_resumed_run_repeats(tmp_path):
     assert steps == [1, 2]
 
 
+def test_progress_line_shows_the_loss_and_its_parts(tmp_path, capsys):
+    from pretrain.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, enabled=True, tensorboard=False, start_step=0)
+    rec = {"step": 10, "loss": 7.25, "mlm_loss": 6.5, "nsp_loss": 0.75, "mlm_acc": 0.1, "nsp_acc": 0.6, "lr": 1e-3,
+           "samples_per_s": 100.0, "tokens_per_s": 6400.0}
+    log.log(rec)
+    assert "step     10 | loss 7.2500 (mlm 6.5000 nsp 0.7500) | mlm_acc 0.100" in capsys.readouterr().out
+    log.log({k: v for k, v in rec.items() if k not in ("mlm_loss", "nsp_loss")})  # an older record's keys
+    assert "loss 7.2500 | mlm_acc" in capsys.readouterr().out
+
+
 class _PhaseOneEngine:
     """Stands in for a DeepSpeed engine whose load_checkpoint restores phase 1's LAMB state (as
     ZeRO's load does) and phase 1's param-group settings (lr 0 at the end of its decay)."""
