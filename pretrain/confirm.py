@@ -75,15 +75,20 @@ def samples_to_target(curve: list[dict], target: float, window: float) -> Option
     return None
 
 
-def with_train_target(result: dict, run_dir: Path, target: Optional[float], window: float) -> dict:
-    """Adds ``train_samples_to_target`` and ``train_steps_to_target`` (None: not reached, not
-    logged or no target) to a scaling result."""
-    samples = None
-    if target is not None:
-        samples = samples_to_target(train_curve(run_dir, result["batch"]), target, window)
-    result["train_target"] = target
-    result["train_samples_to_target"] = samples
-    result["train_steps_to_target"] = None if samples is None else samples / result["batch"]
+def key(target: float) -> str:
+    """A training target as a JSON key."""
+    return f"{target:g}"
+
+
+def with_train_target(result: dict, run_dir: Path, targets: Optional[list[float]], window: float) -> dict:
+    """Adds ``train_steps_to_target`` to a scaling result: {target: steps (None: not reached or not
+    logged)} for each training MLM loss target."""
+    curve = train_curve(run_dir, result["batch"]) if targets else []
+    steps = {}
+    for t in targets or []:
+        samples = samples_to_target(curve, t, window)
+        steps[key(t)] = None if samples is None else samples / result["batch"]
+    result["train_steps_to_target"] = steps
     return result
 
 
@@ -94,9 +99,9 @@ def _stats(values: list[Optional[float]]) -> dict:
             "missing": len(values) - len(got)}
 
 
-def seed_summary(results: list[dict], source: list[dict]) -> list[dict]:
+def seed_summary(results: list[dict], source: list[dict], targets: list[float]) -> list[dict]:
     """Per (optimizer, batch) of the confirmation runs: the fresh seeds' final held-out losses and
-    steps to both targets, and the study's pick (seed 0, from ``source``) beside them."""
+    steps to the held-out and training targets, and the study's pick (seed 0, from ``source``)."""
     rows = []
     for opt, batch in sorted({(r["optimizer"], r["batch"]) for r in results}, key=lambda k: (k[1], k[0])):
         runs = sorted((r for r in results if r["optimizer"] == opt and r["batch"] == batch),
@@ -109,30 +114,29 @@ def seed_summary(results: list[dict], source: list[dict]) -> list[dict]:
             "seeds": [r["seed_offset"] for r in runs],
             "final_loss": _stats([r["final_loss"] for r in runs]),
             "steps_to_target": _stats([r.get("steps_to_target") for r in runs]),
-            "train_steps_to_target": _stats([r.get("train_steps_to_target") for r in runs]),
+            "train_steps_to_target": {key(t): _stats([(r.get("train_steps_to_target") or {}).get(key(t))
+                                                      for r in runs]) for t in targets},
             "pick": None if pick is None else {"name": pick["name"], "final_loss": pick["final_loss"],
                                               "steps_to_target": pick.get("steps_to_target")}})
     return rows
 
 
-def predictions(results: list[dict], out: Path, train_target: Optional[float]) -> dict[str, dict]:
-    """Per optimizer: the steps to ``train_target`` predicted at every batch of ``results`` from each
-    seed at the optimizer's smallest batch that reached it; per batch the mean over those seeds and
-    the band (lowest low-noise to highest high-noise estimate)."""
+def predictions(results: list[dict], out: Path, target: float) -> dict[str, dict]:
+    """Per optimizer: the steps to the training MLM loss ``target`` predicted at every batch of
+    ``results`` from each seed at the optimizer's smallest batch that reached it; per batch the
+    mean over those seeds and the band (lowest low-noise to highest high-noise estimate)."""
     from pretrain import predict as pred
 
-    if train_target is None:
-        return {}
     batches = sorted({r["batch"] for r in results})
     found: dict[str, dict] = {}
     for opt in sorted({r["optimizer"] for r in results}):
         small = min(r["batch"] for r in results if r["optimizer"] == opt)
         made = []
         for r in sorted(results, key=lambda r: r["name"]):
-            if r["optimizer"] == opt and r["batch"] == small and r.get("train_steps_to_target") is not None:
+            steps = (r.get("train_steps_to_target") or {}).get(key(target))
+            if r["optimizer"] == opt and r["batch"] == small and steps is not None:
                 try:
-                    made.append(pred.predict(out / r["name"], batches, train_target, "mlm_loss",
-                                             run_steps=r["train_steps_to_target"]))
+                    made.append(pred.predict(out / r["name"], batches, target, "mlm_loss", run_steps=steps))
                 except (FileNotFoundError, ValueError):
                     continue  # no noise-scale log: nothing to predict from
         if made:
@@ -156,46 +160,55 @@ def _fmt(st: dict, digits: int, steps: bool = False) -> str:
     return f"**{mean}** ({vals})"
 
 
-def seeds_table(rows: list[dict], target: float, train_target: Optional[float], window: float,
+def seeds_table(rows: list[dict], target: float, targets: list[float], window: float,
                 predicted: Optional[dict] = None) -> str:
+    """Markdown: per batch and optimizer, the fresh seeds' figures; per training target the steps
+    each seed took and, after `→`, the noise-scale prediction (mean, band)."""
     predicted = predicted or {}
-    lines = [f"Fresh seeds at the study's best lr per optimizer and batch: mean **bold** (each seed). "
-             f"Steps to held-out loss {target} are read between the 8 evaluations; steps to training MLM "
-             + (f"loss {train_target} from the training records, smoothed over {window:,.0f} samples."
-                if train_target is not None else "loss: no --train-target given.")
-             + " `–`: not reached. The study's own seed (its pick) is shown apart: it chose the lr. "
-             "Predicted: by the noise scale of the optimizer's seeds at its smallest batch (mean; band).", "",
-             "| batch | optimizer | lr (×) | final held-out loss | steps to held-out "
-             f"{target} | steps to training {train_target} | predicted | the pick (seed 0): final, steps |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["Fresh seeds at the study's best lr per optimizer and batch: mean **bold** (each seed). "
+             f"Steps to held-out loss {target} are read between the study's evaluations; steps to a "
+             f"training MLM loss from the training records, smoothed over {window:,.0f} samples; after → "
+             "the steps the noise scale of the optimizer's seeds at its smallest batch predicts (mean; band). "
+             "`–`: not reached. The study's own seed (its pick) is apart: it chose the lr.", "",
+             "| batch | optimizer | lr (×) | final held-out loss | steps to held-out " f"{target} | "
+             + "".join(f"steps to training {t:g} | " for t in targets) + "the pick (seed 0): final, steps |",
+             "|---|---|---|---|---|" + "---|" * len(targets) + "---|"]
     for r in rows:
         pick = r["pick"]
         pick_s = "" if pick is None else (f"{pick['final_loss']:.3f}, " + (
             f"{pick['steps_to_target']:,.0f}" if pick["steps_to_target"] is not None else "–"))
-        p = next((b for b in predicted.get(r["optimizer"], {}).get("batches", []) if b["batch"] == r["batch"]), None)
-        pred_s = "" if p is None else f"{p['steps']:,.0f} ({p['low']:,.0f}–{p['high']:,.0f})"
+        cells = []
+        for t in targets:
+            cell = _fmt(r["train_steps_to_target"][key(t)], 0, True)
+            p = next((b for b in predicted.get(key(t), {}).get(r["optimizer"], {}).get("batches", [])
+                      if b["batch"] == r["batch"]), None)
+            cells.append(cell + ("" if p is None else f" → {p['steps']:,.0f} ({p['low']:,.0f}–{p['high']:,.0f})"))
         lines.append(f"| {r['batch']:,} | {r['optimizer']} | {r['lr']:.3g} (×{r['lr_multiplier']:.3g}) | "
                      f"{_fmt(r['final_loss'], 3)} | {_fmt(r['steps_to_target'], 0, True)} | "
-                     f"{_fmt(r['train_steps_to_target'], 0, True)} | {pred_s} | {pick_s} |")
+                     + "".join(f"{c} | " for c in cells) + f"{pick_s} |")
     return "\n".join(lines) + "\n"
 
 
 def write_confirm_outputs(results: list[dict], source: list[dict], out: Path, target: float,
-                          train_target: Optional[float], window: float) -> list[dict]:
-    rows = seed_summary(results, source)
-    predicted = predictions(results, out, train_target)
-    write_json(out / "seeds.json", {"target_loss": target, "train_target": train_target, "train_window": window,
+                          targets: Optional[list[float]], window: float) -> list[dict]:
+    targets = targets or []
+    rows = seed_summary(results, source, targets)
+    predicted = {key(t): predictions(results, out, t) for t in targets}
+    write_json(out / "seeds.json", {"target_loss": target, "train_targets": targets, "train_window": window,
                                     "rows": rows, "predicted": predicted})
-    write_text(out / "seeds.md", seeds_table(rows, target, train_target, window, predicted))
+    write_text(out / "seeds.md", seeds_table(rows, target, targets, window, predicted))
     try:
-        plot_confirm(results, rows, out, train_target, window, predicted)
+        plot_confirm(results, rows, out, targets, window, predicted)
     except ImportError:
         pass  # scaling.write_outputs has said that matplotlib is missing
     return rows
 
 
-def plot_confirm(results: list[dict], rows: list[dict], out: Path, train_target: Optional[float],
-                 window: float, predicted: Optional[dict] = None) -> None:
+def plot_confirm(results: list[dict], rows: list[dict], out: Path, targets: list[float], window: float,
+                 predicted: dict) -> None:
+    """Left: every run's smoothed training MLM loss; then per training target (the held-out target
+    when none is given) the steps each seed took against the batch, their mean, the ideal linear
+    line from the smallest batch's mean, and the prediction with its band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,7 +216,9 @@ def plot_confirm(results: list[dict], rows: list[dict], out: Path, train_target:
 
     opts = sorted({r["optimizer"] for r in rows})
     colour = {o: f"C{i}" for i, o in enumerate(opts)}
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    panels = [("train", t) for t in targets] or [("held-out", None)]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5.2 * (1 + len(panels)), 4), squeeze=False)
+    a1 = axes[0][0]
     batches = sorted({r["batch"] for r in rows})
     shade = {b: 0.35 + 0.65 * i / max(1, len(batches) - 1) for i, b in enumerate(batches)}
     for r in results:  # training MLM curves, smoothed as they are read
@@ -213,33 +228,36 @@ def plot_confirm(results: list[dict], rows: list[dict], out: Path, train_target:
                     alpha=shade[r["batch"]])
     for o in opts:
         a1.plot([], [], color=colour[o], label=f"{o} (darker: larger batch)")
-    if train_target is not None:
-        a1.axhline(train_target, color="grey", ls=":", lw=1)
+    for t in targets:
+        a1.axhline(t, color="grey", ls=":", lw=1)
     a1.set(xscale="log", xlabel="samples", ylabel=f"training MLM loss (smoothed over {window:,.0f} samples)",
            title="every fresh-seed run")
     a1.legend(fontsize=7)
-    key = "train_steps_to_target" if train_target is not None else "steps_to_target"
-    for o in opts:
-        pts = [(r["batch"], v) for r in rows if r["optimizer"] == o for v in r[key]["values"] if v is not None]
-        means = [(r["batch"], r[key]["mean"]) for r in rows if r["optimizer"] == o and r[key]["mean"] is not None]
-        if pts:
-            a2.scatter([b for b, _ in pts], [v for _, v in pts], s=14, color=colour[o], alpha=0.6)
-        if means:
-            a2.plot([b for b, _ in means], [v for _, v in means], marker="o", color=colour[o], label=f"{o} (mean)")
-    for o, p in (predicted or {}).items():
-        a2.plot([b["batch"] for b in p["batches"]], [b["steps"] for b in p["batches"]], ls=":", color=colour[o],
-                label=f"{o}: predicted from batch {p['batch']}")
-        a2.fill_between([b["batch"] for b in p["batches"]], [b["low"] for b in p["batches"]],
-                        [b["high"] for b in p["batches"]], color=colour[o], alpha=0.1, lw=0)
-    firsts = [(r["batch"], r[key]["mean"]) for r in rows if r[key]["mean"] is not None]
-    if firsts:
-        b0, s0 = min(firsts)
-        a2.plot(batches, [s0 * b0 / b for b in batches], "k--", lw=1, label="ideal linear scaling")
-    what = f"training MLM loss {train_target}" if train_target is not None else "held-out target"
-    a2.set(xscale="log", yscale="log", xlabel="global batch", ylabel=f"steps to {what}",
-           title="steps to target: each seed, and the mean")
-    if a2.get_legend_handles_labels()[0]:
-        a2.legend(fontsize=7)
+    for ax, (kind, t) in zip(axes[0][1:], panels):
+        def stats(r):
+            return r["train_steps_to_target"][key(t)] if kind == "train" else r["steps_to_target"]
+
+        for o in opts:
+            pts = [(r["batch"], v) for r in rows if r["optimizer"] == o for v in stats(r)["values"] if v is not None]
+            means = [(r["batch"], stats(r)["mean"]) for r in rows if r["optimizer"] == o and stats(r)["mean"] is not None]
+            if pts:
+                ax.scatter([b for b, _ in pts], [v for _, v in pts], s=14, color=colour[o], alpha=0.6)
+            if means:
+                ax.plot([b for b, _ in means], [v for _, v in means], marker="o", color=colour[o], label=f"{o} (mean)")
+        for o, p in (predicted.get(key(t), {}) if kind == "train" else {}).items():
+            ax.plot([b["batch"] for b in p["batches"]], [b["steps"] for b in p["batches"]], ls=":", color=colour[o],
+                    label=f"{o}: predicted from batch {p['batch']}")
+            ax.fill_between([b["batch"] for b in p["batches"]], [b["low"] for b in p["batches"]],
+                            [b["high"] for b in p["batches"]], color=colour[o], alpha=0.1, lw=0)
+        firsts = [(r["batch"], stats(r)["mean"]) for r in rows if stats(r)["mean"] is not None]
+        if firsts:
+            b0, s0 = min(firsts)
+            ax.plot(batches, [s0 * b0 / b for b in batches], "k--", lw=1, label="ideal linear scaling")
+        what = f"training MLM loss {t:g}" if kind == "train" else "the held-out target"
+        ax.set(xscale="log", yscale="log", xlabel="global batch", ylabel=f"steps to {what}",
+               title=f"steps to {what}")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, out / "seeds.png", dpi=120)
     plt.close(fig)

@@ -242,7 +242,7 @@ def with_targets(result: dict, run_dir: Path, args) -> dict:
     """Steps to the held-out target and, with ``--train-target``, to the training MLM loss target."""
     with_target(result, args.target_loss)
     return with_train_target(result, run_dir, getattr(args, "train_target", None),
-                             getattr(args, "train_window", TRAIN_WINDOW))
+                             getattr(args, "train_window", TRAIN_WINDOW))  # --train-target: a list
 
 
 def with_target(result: dict, target: float) -> dict:
@@ -697,8 +697,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--eval-points", type=int, default=8)
     ap.add_argument("--eval-samples", type=int, default=1024)
     ap.add_argument("--target-loss", type=float, default=4.5, help="held-out MLM loss target")
-    ap.add_argument("--train-target", type=float, default=None,
-                    help="training MLM loss target, read from each run's training records (pretrain/confirm.py)")
+    ap.add_argument("--train-target", type=lambda s: [float(x) for x in s.split(",")], default=[],
+                    help="training MLM loss targets (comma-separated), read from each run's training records "
+                         "(pretrain/confirm.py)")
     ap.add_argument("--train-window", type=float, default=TRAIN_WINDOW,
                     help="samples the training MLM loss is smoothed over before --train-target is read")
     ap.add_argument("--np", type=int, default=2, help="processes per run")

@@ -122,11 +122,11 @@ def test_confirm_runs_each_best_lr_with_fresh_seeds_and_summarises_them(tmp_path
     assert lamb64["final_loss"]["values"] == pytest.approx([5.93, 5.94])
     # 7 - step/32 (+0.1 for seed 2) reaches 6.0 in the record of step 32 (35.2 for seed 2, between the
     # records of 35 and 36); each record stands at the middle of its step: 31.5 and 34.7
-    assert lamb64["train_steps_to_target"]["values"] == pytest.approx([31.5, 34.7])
-    assert lamb64["train_steps_to_target"]["mean"] == pytest.approx(33.1)
+    assert lamb64["train_steps_to_target"]["6"]["values"] == pytest.approx([31.5, 34.7])
+    assert lamb64["train_steps_to_target"]["6"]["mean"] == pytest.approx(33.1)
     # a constant noise scale of 64: S(B) = S(64)·(1 + 64/B) / (1 + 64/64), so 5/8 of the steps at 256,
     # from each seed at 64, averaged (McCandlish et al.'s model, with the run's own steps)
-    pred = seeds["predicted"]["lamb"]
+    pred = seeds["predicted"]["6"]["lamb"]
     assert pred["from"] == ["lamb_b64_lrx3_s1", "lamb_b64_lrx3_s2"] and pred["batch"] == 64
     at256 = next(b for b in pred["batches"] if b["batch"] == 256)
     assert at256["steps"] == pytest.approx((31.5 + 34.7) / 2 * 5 / 8)
@@ -134,11 +134,12 @@ def test_confirm_runs_each_best_lr_with_fresh_seeds_and_summarises_them(tmp_path
     assert at256["low"] == pytest.approx(31.5 * (1 + 1.1 * 64 / 256) / (1 + 1.1))
     assert at256["high"] == pytest.approx(34.7 * (1 + 0.9 * 64 / 256) / (1 + 0.9))
     # AdamW ran at 256 only: predicted from there (7.5 and 8.3 steps to 6.0), more steps at 64
-    adamw = seeds["predicted"]["adamw"]
+    adamw = seeds["predicted"]["6"]["adamw"]
     assert adamw["batch"] == 256 and adamw["batches"][0]["batch"] == 64
     assert adamw["batches"][0]["steps"] == pytest.approx((7.5 + 8.3) / 2 * (1 + 1) / (1 + 64 / 256))
     table = (out / "seeds.md").read_text()
     assert "| 256 | adamw |" in table and "6.500, –" in table  # the pick, which never reached 6.2
+    assert "| 64 | lamb | 0.015 (×3) | **5.935** (5.930, 5.940) | –, – | **33** (32, 35) → 33 (" in table
     assert (out / "seeds.png").stat().st_size > 0
     # rerun: nothing trains again, same summary
     monkeypatch.setattr(scaling, "run_process", lambda *a, **k: pytest.fail("re-ran a finished run"))
