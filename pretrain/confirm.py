@@ -17,7 +17,10 @@ to beat. This module reads them back:
   (0) beside them, in ``seeds.md``, ``seeds.json`` and ``seeds.png``;
 - per optimizer, the noise-scale prediction (``pretrain/predict.py``) of the steps to the training
   target at every batch, from each fresh seed at its smallest batch: its noise-scale course and its
-  steps to the target as read above.
+  steps to the target as read above;
+- per optimizer and training target, McCandlish et al.'s S(B) = S_min·(1 + B_crit/B) fitted to
+  the seeds' mean steps over the batches: the critical batch B_crit, beside the noise scale the
+  smallest batch measured at that loss (the paper finds B_crit ≈ B_simple).
 """
 from __future__ import annotations
 
@@ -152,6 +155,45 @@ def predictions(results: list[dict], out: Path, target: float) -> dict[str, dict
     return found
 
 
+def fit_critical_batch(points: list[tuple[int, float]]) -> Optional[dict]:
+    """McCandlish et al.'s S(B) = S_min·(1 + B_crit/B) fitted to (batch, steps) points: linear in
+    1/B (S = a + b/B, S_min = a, B_crit = b/a), least squares on relative errors (weights 1/S²) so
+    the small batches' large step counts do not outweigh the rest. None with fewer than 3 batches
+    or a fit without a positive S_min and B_crit (steps that do not fall with the batch)."""
+    pts = [(b, s) for b, s in points if s is not None and s > 0]
+    if len({b for b, _ in pts}) < 3:
+        return None
+    sw = sx = sy = sxx = sxy = 0.0
+    for b, steps in pts:
+        w, x = 1.0 / steps ** 2, 1.0 / b
+        sw, sx, sy, sxx, sxy = sw + w, sx + w * x, sy + w * steps, sxx + w * x * x, sxy + w * x * steps
+    det = sw * sxx - sx * sx
+    if det <= 0:
+        return None
+    a, slope = (sxx * sy - sx * sxy) / det, (sw * sxy - sx * sy) / det
+    if a <= 0 or slope <= 0:
+        return None
+    worst = max(abs(a + slope / b - steps) / steps for b, steps in pts)
+    return {"s_min": a, "b_crit": slope / a, "max_rel_residual": worst, "batches": sorted({b for b, _ in pts})}
+
+
+def critical_batches(rows: list[dict], targets: list[float], predicted: dict) -> list[dict]:
+    """Per training target and optimizer: B_crit fitted to the seeds' mean steps over the batches,
+    beside the noise scale B_simple the smallest batch's runs measured where they reached the target
+    (the paper's claim: B_crit ≈ B_simple)."""
+    out = []
+    for t in targets:
+        for opt in sorted({r["optimizer"] for r in rows}):
+            pts = [(r["batch"], r["train_steps_to_target"][key(t)]["mean"]) for r in rows if r["optimizer"] == opt]
+            fit = fit_critical_batch(pts)
+            p = predicted.get(key(t), {}).get(opt)
+            noise = p["noise_scale_at_target"] if p else []
+            out.append({"train_target": t, "optimizer": opt, "fit": fit,
+                        "noise_scale_at_target": sum(noise) / len(noise) if noise else None,
+                        "noise_from": p["batch"] if p else None})
+    return out
+
+
 def _fmt(st: dict, digits: int, steps: bool = False) -> str:
     vals = ", ".join("–" if v is None else (f"{v:,.0f}" if steps else f"{v:.{digits}f}") for v in st["values"])
     if st["mean"] is None:
@@ -189,14 +231,32 @@ def seeds_table(rows: list[dict], target: float, targets: list[float], window: f
     return "\n".join(lines) + "\n"
 
 
+def critical_table(crit: list[dict]) -> str:
+    lines = ["S(B) = S_min·(1 + B_crit/B) fitted to the mean steps per batch (relative least squares), "
+             "and the noise scale B_simple measured at the target by the smallest batch's seeds.", "",
+             "| training target | optimizer | batches fitted | S_min | B_crit (fit) | worst misfit | "
+             "B_simple at the target (batch) |", "|---|---|---|---|---|---|---|"]
+    for c in crit:
+        f = c["fit"]
+        noise = "" if c["noise_scale_at_target"] is None else f"{c['noise_scale_at_target']:.1f} ({c['noise_from']:,})"
+        if f is None:
+            lines.append(f"| {c['train_target']:g} | {c['optimizer']} | fewer than 3, or no fall | | | | {noise} |")
+        else:
+            lines.append(f"| {c['train_target']:g} | {c['optimizer']} | {', '.join(f'{b:,}' for b in f['batches'])} | "
+                         f"{f['s_min']:,.0f} | {f['b_crit']:,.0f} | {100 * f['max_rel_residual']:.0f}% | {noise} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_confirm_outputs(results: list[dict], source: list[dict], out: Path, target: float,
                           targets: Optional[list[float]], window: float) -> list[dict]:
     targets = targets or []
     rows = seed_summary(results, source, targets)
     predicted = {key(t): predictions(results, out, t) for t in targets}
+    crit = critical_batches(rows, targets, predicted)
     write_json(out / "seeds.json", {"target_loss": target, "train_targets": targets, "train_window": window,
-                                    "rows": rows, "predicted": predicted})
-    write_text(out / "seeds.md", seeds_table(rows, target, targets, window, predicted))
+                                    "rows": rows, "predicted": predicted, "critical_batch": crit})
+    write_text(out / "seeds.md", seeds_table(rows, target, targets, window, predicted)
+               + ("\n" + critical_table(crit) if targets else ""))
     try:
         plot_confirm(results, rows, out, targets, window, predicted)
     except ImportError:

@@ -59,6 +59,19 @@ def test_smoothing_reads_a_noisy_curve_near_its_true_crossing():
     assert sum(smooth_errors) < 0.6 * sum(raw_errors)
 
 
+def test_critical_batch_fit_recovers_the_model_and_refuses_what_does_not_scale():
+    exact = [(b, 500 * (1 + 100 / b)) for b in (32, 64, 128, 256, 512, 1024)]
+    fit = confirm.fit_critical_batch(exact)
+    assert fit["s_min"] == pytest.approx(500) and fit["b_crit"] == pytest.approx(100)
+    assert fit["max_rel_residual"] == pytest.approx(0, abs=1e-9)
+    rng = random.Random(1)  # ±5% noise on each point: the fit stays within 15%
+    noisy = confirm.fit_critical_batch([(b, s * (1 + rng.uniform(-0.05, 0.05))) for b, s in exact])
+    assert noisy["b_crit"] == pytest.approx(100, rel=0.15) and noisy["max_rel_residual"] < 0.1
+    assert confirm.fit_critical_batch(exact[:2]) is None  # two batches fit any curve
+    assert confirm.fit_critical_batch([(b, 300.0) for b in (64, 256, 1024)]) is None  # steps do not fall
+    assert confirm.fit_critical_batch([(64, 100.0), (256, None), (1024, 50.0)]) is None  # a batch missed it
+
+
 def grid_result(opt, batch, mult, final, seed=0, lr_base=None):
     lr = scaling.scale_lr(lr_base or {"lamb": 5e-3, "adamw": 1.5e-3}[opt], 64, batch, "sqrt") * mult
     name = f"{opt}_b{batch}_lrx{mult:g}" + (f"_s{seed}" if seed else "")
@@ -137,6 +150,9 @@ def test_confirm_runs_each_best_lr_with_fresh_seeds_and_summarises_them(tmp_path
     adamw = seeds["predicted"]["6"]["adamw"]
     assert adamw["batch"] == 256 and adamw["batches"][0]["batch"] == 64
     assert adamw["batches"][0]["steps"] == pytest.approx((7.5 + 8.3) / 2 * (1 + 1) / (1 + 64 / 256))
+    crit = {(c["train_target"], c["optimizer"]): c for c in seeds["critical_batch"]}
+    assert crit[(6.0, "lamb")]["fit"] is None  # two batches only
+    assert crit[(6.0, "lamb")]["noise_scale_at_target"] == pytest.approx(64)
     table = (out / "seeds.md").read_text()
     assert "| 256 | adamw |" in table and "6.500, –" in table  # the pick, which never reached 6.2
     assert "| 64 | lamb | 0.015 (×3) | **5.935** (5.930, 5.940) | –, – | **33** (32, 35) → 33 (" in table
