@@ -14,7 +14,7 @@ to beat. This module reads them back:
   of ``--train-window`` samples (the same at every batch) before the first crossing is read;
 - steps to the held-out target, as the study reads them (between its evaluations);
 - per optimizer and batch: each seed's figures, their mean and range, and the study's own seed
-  (0) beside them, in ``seeds.md``, ``seeds.json`` and ``seeds.png``;
+  (0) beside them, in ``seeds.md`` and ``seeds.json``; ``seeds.png`` draws the fresh seeds;
 - per optimizer, the noise-scale prediction (``pretrain/predict.py``) of the steps to the training
   target at every batch, from each fresh seed at its smallest batch: its noise-scale course and its
   steps to the target as read above;
@@ -33,8 +33,11 @@ from data_prep.atomic import save_figure, write_json, write_text
 
 
 def train_curve(run_dir: Path, batch: int) -> list[dict]:
-    """The run's training MLM loss records: [{"step", "samples" (middle of the interval the record
-    averages), "width" (its samples), "mlm_loss"}]; empty when the run did not log it."""
+    """The run's training MLM loss records of its first epoch: [{"step", "samples", "width" (the
+    samples it averages), "mlm_loss"}]; empty when the run did not log it. A record at step s
+    averages the losses of steps prev+1..s, and step k's loss is that of the weights after k-1
+    updates (k-1 batches trained on, as a held-out evaluation at step k-1 counts them): it stands
+    at (prev + s - 1)/2 batches. After the first epoch the samples are no longer fresh: left out."""
     path = Path(run_dir) / "metrics.jsonl"
     out: list[dict] = []
     if not path.is_file():
@@ -47,21 +50,29 @@ def train_curve(run_dir: Path, batch: int) -> list[dict]:
             continue  # a torn last line
         if rec.get("mlm_loss") is None or "step" not in rec:
             continue
+        if rec.get("epoch", 0) > 0:
+            break
         step = rec["step"]
         if step > prev and math.isfinite(rec["mlm_loss"]):
-            out.append({"step": step, "samples": (prev + step) / 2 * batch, "width": (step - prev) * batch,
+            out.append({"step": step, "samples": (prev + step - 1) / 2 * batch, "width": (step - prev) * batch,
                         "mlm_loss": rec["mlm_loss"]})
         prev = max(prev, step)
     return out
 
 
 def smoothed(curve: list[dict], window: float) -> list[float]:
-    """Each record's loss averaged with the records whose middles lie within ``window``/2 samples
-    of its own, weighted by the samples each covers."""
+    """Each record's loss averaged over ``window`` samples centred on it: every record weighs by the
+    samples its interval shares with the window (the same span at every batch and log interval;
+    one-sided at the ends of the run)."""
     out = []
     for c in curve:
-        near = [d for d in curve if abs(d["samples"] - c["samples"]) <= window / 2] or [c]
-        out.append(sum(d["mlm_loss"] * d["width"] for d in near) / sum(d["width"] for d in near))
+        lo, hi = c["samples"] - window / 2, c["samples"] + window / 2
+        total = weight = 0.0
+        for d in curve:
+            w = min(hi, d["samples"] + d["width"] / 2) - max(lo, d["samples"] - d["width"] / 2)
+            if w > 0:
+                total, weight = total + w * d["mlm_loss"], weight + w
+        out.append(total / weight if weight > 0 else c["mlm_loss"])
     return out
 
 
@@ -158,8 +169,8 @@ def predictions(results: list[dict], out: Path, target: float) -> dict[str, dict
 def fit_critical_batch(points: list[tuple[int, float]]) -> Optional[dict]:
     """McCandlish et al.'s S(B) = S_min·(1 + B_crit/B) fitted to (batch, steps) points: linear in
     1/B (S = a + b/B, S_min = a, B_crit = b/a), least squares on relative errors (weights 1/S²) so
-    the small batches' large step counts do not outweigh the rest. None with fewer than 3 batches
-    or a fit without a positive S_min and B_crit (steps that do not fall with the batch)."""
+    the small batches' large step counts do not outweigh the rest. None with fewer than 3 batches;
+    without a positive S_min or B_crit, the two numbers are None and ``note`` says why."""
     pts = [(b, s) for b, s in points if s is not None and s > 0]
     if len({b for b, _ in pts}) < 3:
         return None
@@ -171,20 +182,26 @@ def fit_critical_batch(points: list[tuple[int, float]]) -> Optional[dict]:
     if det <= 0:
         return None
     a, slope = (sxx * sy - sx * sxy) / det, (sw * sxy - sx * sy) / det
-    if a <= 0 or slope <= 0:
-        return None
+    batches = sorted({b for b, _ in pts})
+    if slope <= 0:
+        return {"s_min": None, "b_crit": None, "batches": batches, "note": "steps did not fall with the batch"}
+    if a <= 0:
+        return {"s_min": None, "b_crit": None, "batches": batches,
+                "note": "steps fell linearly or faster: B_crit above the largest batch"}
     worst = max(abs(a + slope / b - steps) / steps for b, steps in pts)
-    return {"s_min": a, "b_crit": slope / a, "max_rel_residual": worst, "batches": sorted({b for b, _ in pts})}
+    return {"s_min": a, "b_crit": slope / a, "max_rel_residual": worst, "batches": batches, "note": None}
 
 
 def critical_batches(rows: list[dict], targets: list[float], predicted: dict) -> list[dict]:
-    """Per training target and optimizer: B_crit fitted to the seeds' mean steps over the batches,
-    beside the noise scale B_simple the smallest batch's runs measured where they reached the target
-    (the paper's claim: B_crit ≈ B_simple)."""
+    """Per training target and optimizer: B_crit fitted to the seeds' mean steps over the batches
+    where every seed reached the target (a mean over the seeds that did would be biased low),
+    beside the noise scale B_simple the smallest batch's runs measured where they reached it (the
+    paper's claim: B_crit ≈ B_simple)."""
     out = []
     for t in targets:
         for opt in sorted({r["optimizer"] for r in rows}):
-            pts = [(r["batch"], r["train_steps_to_target"][key(t)]["mean"]) for r in rows if r["optimizer"] == opt]
+            pts = [(r["batch"], r["train_steps_to_target"][key(t)]["mean"]) for r in rows
+                   if r["optimizer"] == opt and not r["train_steps_to_target"][key(t)]["missing"]]
             fit = fit_critical_batch(pts)
             p = predicted.get(key(t), {}).get(opt)
             noise = p["noise_scale_at_target"] if p else []
@@ -224,7 +241,12 @@ def seeds_table(rows: list[dict], target: float, targets: list[float], window: f
             cell = _fmt(r["train_steps_to_target"][key(t)], 0, True)
             p = next((b for b in predicted.get(key(t), {}).get(r["optimizer"], {}).get("batches", [])
                       if b["batch"] == r["batch"]), None)
-            cells.append(cell + ("" if p is None else f" → {p['steps']:,.0f} ({p['low']:,.0f}–{p['high']:,.0f})"))
+            src = predicted.get(key(t), {}).get(r["optimizer"], {}).get("batch")
+            if p is not None and r["batch"] == src:
+                cell += " (the prediction's input)"
+            elif p is not None:
+                cell += f" → {p['steps']:,.0f} ({p['low']:,.0f}–{p['high']:,.0f})"
+            cells.append(cell)
         lines.append(f"| {r['batch']:,} | {r['optimizer']} | {r['lr']:.3g} (×{r['lr_multiplier']:.3g}) | "
                      f"{_fmt(r['final_loss'], 3)} | {_fmt(r['steps_to_target'], 0, True)} | "
                      + "".join(f"{c} | " for c in cells) + f"{pick_s} |")
@@ -240,7 +262,11 @@ def critical_table(crit: list[dict]) -> str:
         f = c["fit"]
         noise = "" if c["noise_scale_at_target"] is None else f"{c['noise_scale_at_target']:.1f} ({c['noise_from']:,})"
         if f is None:
-            lines.append(f"| {c['train_target']:g} | {c['optimizer']} | fewer than 3, or no fall | | | | {noise} |")
+            lines.append(f"| {c['train_target']:g} | {c['optimizer']} | fewer than 3 where every seed reached it "
+                         f"| | | | {noise} |")
+        elif f["note"]:
+            lines.append(f"| {c['train_target']:g} | {c['optimizer']} | {', '.join(f'{b:,}' for b in f['batches'])} | "
+                         f"{f['note']} | | | {noise} |")
         else:
             lines.append(f"| {c['train_target']:g} | {c['optimizer']} | {', '.join(f'{b:,}' for b in f['batches'])} | "
                          f"{f['s_min']:,.0f} | {f['b_crit']:,.0f} | {100 * f['max_rel_residual']:.0f}% | {noise} |")
@@ -281,16 +307,18 @@ def plot_confirm(results: list[dict], rows: list[dict], out: Path, targets: list
     a1 = axes[0][0]
     batches = sorted({r["batch"] for r in rows})
     shade = {b: 0.35 + 0.65 * i / max(1, len(batches) - 1) for i, b in enumerate(batches)}
+    drawn = False
     for r in results:  # training MLM curves, smoothed as they are read
         curve = train_curve(out / r["name"], r["batch"])
         if curve:
+            drawn = True
             a1.plot([c["samples"] for c in curve], smoothed(curve, window), lw=0.9, color=colour[r["optimizer"]],
                     alpha=shade[r["batch"]])
     for o in opts:
         a1.plot([], [], color=colour[o], label=f"{o} (darker: larger batch)")
     for t in targets:
         a1.axhline(t, color="grey", ls=":", lw=1)
-    a1.set(xscale="log", xlabel="samples", ylabel=f"training MLM loss (smoothed over {window:,.0f} samples)",
+    a1.set(xscale="log" if drawn else "linear", xlabel="samples", ylabel=f"training MLM loss (smoothed over {window:,.0f} samples)",
            title="every fresh-seed run")
     a1.legend(fontsize=7)
     for ax, (kind, t) in zip(axes[0][1:], panels):
@@ -309,10 +337,12 @@ def plot_confirm(results: list[dict], rows: list[dict], out: Path, targets: list
                     label=f"{o}: predicted from batch {p['batch']}")
             ax.fill_between([b["batch"] for b in p["batches"]], [b["low"] for b in p["batches"]],
                             [b["high"] for b in p["batches"]], color=colour[o], alpha=0.1, lw=0)
-        firsts = [(r["batch"], stats(r)["mean"]) for r in rows if stats(r)["mean"] is not None]
-        if firsts:
-            b0, s0 = min(firsts)
-            ax.plot(batches, [s0 * b0 / b for b in batches], "k--", lw=1, label="ideal linear scaling")
+        for o in opts:  # ideal linear scaling from each optimizer's smallest batch
+            firsts = [(r["batch"], stats(r)["mean"]) for r in rows if r["optimizer"] == o and stats(r)["mean"] is not None]
+            if firsts:
+                b0, s0 = min(firsts)
+                ax.plot(batches, [s0 * b0 / b for b in batches], "--", color=colour[o], lw=0.8,
+                        label=f"{o}: linear scaling from batch {b0}")
         what = f"training MLM loss {t:g}" if kind == "train" else "the held-out target"
         ax.set(xscale="log", yscale="log", xlabel="global batch", ylabel=f"steps to {what}",
                title=f"steps to {what}")

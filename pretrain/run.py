@@ -299,8 +299,8 @@ class TrainingRun:
         elapsed = max(self.metrics.elapsed(), 1e-9)
         p = self.progress
         record = {"step": p["step"], "loss": iv["loss_sum"] / max(iv["micro_batches"], 1),
-                  "mlm_loss": iv["mlm_loss_sum"] / max(iv["mlm_count"], 1),
-                  "nsp_loss": iv["nsp_loss_sum"] / max(iv["nsp_count"], 1),
+                  "mlm_loss": iv["mlm_loss_sum"] / iv["mlm_count"] if iv["mlm_count"] else None,
+                  "nsp_loss": iv["nsp_loss_sum"] / iv["nsp_count"] if iv["nsp_count"] else None,
                   "mlm_acc": iv["mlm_correct"] / max(iv["mlm_count"], 1),
                   "nsp_acc": iv["nsp_correct"] / max(iv["nsp_count"], 1), "lr": self.engine.get_lr()[0],
                   "samples_per_s": iv["samples"] / elapsed, "tokens_per_s": iv["tokens"] / elapsed,

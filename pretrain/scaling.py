@@ -25,6 +25,10 @@ Runs go in an order that leaves the most telling ones done first if the grid is 
 small models on few cores train more samples per second as several single-thread processes
 (measured on 2 cores, bert-tiny at seq 64: 2 x 255 samples/s against 400 for one process).
 
+``--confirm GRID_DIR --seeds 1,2`` runs, in ``--output``, the best lr of each optimizer and batch
+of a finished study again with fresh seeds, and summarises them with steps to training-loss
+targets (``--train-target``) and the critical batch they imply (``pretrain/confirm.py``).
+
 ``--predict RUN_DIR`` trains nothing: from one run's gradient noise scale it predicts steps and
 samples to the loss that run reached at other batch sizes (``pretrain/predict.py``); with
 ``--output GRID_DIR`` of a study it predicts the steps to the study's target and draws them on
@@ -193,10 +197,9 @@ def run_one(spec: RunSpec, args, out: Path, slot: int = 0) -> dict:
 
 
 def log_every(steps: int) -> int:
-    """Training-loss records every 50 steps at most and at least 50 per run: the training MLM loss
-    (fresh samples while a run stays within one epoch) then times the target to a few hundred
-    steps at the smallest batch and to 2 steps at the largest, where 8 held-out evaluations
-    leave an eighth of the run between two readings."""
+    """Training-loss records every 50 steps at most, and 50 or more per run where it has 100 steps or
+    more: the training MLM loss (fresh samples while a run stays within one epoch) then times a
+    target far more finely than 8 held-out evaluations, an eighth of the run apart, can."""
     return max(1, min(50, steps // 50))
 
 
@@ -697,7 +700,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--eval-points", type=int, default=8)
     ap.add_argument("--eval-samples", type=int, default=1024)
     ap.add_argument("--target-loss", type=float, default=4.5, help="held-out MLM loss target")
-    ap.add_argument("--train-target", type=lambda s: [float(x) for x in s.split(",")], default=[],
+    ap.add_argument("--train-target", type=lambda s: [float(x) for x in s.split(",") if x.strip()], default=[],
                     help="training MLM loss targets (comma-separated), read from each run's training records "
                          "(pretrain/confirm.py)")
     ap.add_argument("--train-window", type=float, default=TRAIN_WINDOW,
@@ -724,6 +727,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error("--parallel must be at least 1")
     if args.confirm is not None and args.confirm.resolve() == args.output.resolve():
         ap.error("--confirm GRID_DIR needs another --output")
+    if args.confirm is not None and (0 in args.seeds or len(set(args.seeds)) < len(args.seeds) or min(args.seeds) < 0):
+        ap.error("--seeds: distinct seed offsets above 0 (0 is the study's own seed, already run)")
     try:
         specs = confirm_specs(args) if args.confirm is not None else plan(args)
     except ValueError as exc:

@@ -19,11 +19,14 @@ def write_records(run_dir, records):
 
 def test_training_records_stand_at_the_middle_of_their_interval(tmp_path):
     write_records(tmp_path, [{"step": 10, "loss": 9.0, "mlm_loss": 8.0}, {"step": 10, "eval_mlm_loss": 7.0},
-                             {"step": 30, "loss": 7.0, "mlm_loss": 6.0}, {"step": 40, "loss": 6.0}])
+                             {"step": 30, "loss": 7.0, "mlm_loss": 6.0}, {"step": 40, "loss": 6.0},
+                             {"step": 50, "loss": 5.0, "mlm_loss": 4.5, "epoch": 1}])
     curve = confirm.train_curve(tmp_path, batch=8)
-    # the record at step 30 averages steps 11..30: its middle is step 20, 160 samples, 160 wide
-    assert curve == [{"step": 10, "samples": 40, "width": 80, "mlm_loss": 8.0},
-                     {"step": 30, "samples": 160, "width": 160, "mlm_loss": 6.0}]
+    # the record at step 30 averages the losses of steps 11..30, taken after 10..29 updates: it
+    # stands at 19.5 batches (156 samples) and covers 20 (160 samples); the second epoch's record
+    # (samples seen before) is left out, as is the record without an MLM loss
+    assert curve == [{"step": 10, "samples": 36, "width": 80, "mlm_loss": 8.0},
+                     {"step": 30, "samples": 156, "width": 160, "mlm_loss": 6.0}]
     assert confirm.train_curve(tmp_path / "nothing", 8) == []
 
 
@@ -34,12 +37,13 @@ def test_crossing_is_interpolated_and_smoothing_weighs_by_samples():
     assert confirm.samples_to_target(curve, 5.5, window=10) == pytest.approx(225)
     assert confirm.samples_to_target(curve, 3.0, window=10) is None
     assert confirm.samples_to_target(curve, 7.5, window=10) == 50  # the first record already below
-    # window 300 (150 either side): 50 averages 50/150 -> 6.5; 150 averages 50/150/300 ->
-    # (700 + 600 + 1000) / 400 = 5.75; 300 averages 150/300 (not 500: 200 away) -> 1600 / 300; 500 alone
+    # window 300: each record weighs by the samples its interval shares with the window. Records
+    # cover [0,100], [100,200], [200,400], [400,600]. Around 50 ([-100,200]): 100 of the first two
+    # -> 6.5; around 150 ([0,300]): 100 of each of the first three -> 6.0; around 300 ([150,450]):
+    # 50, 200, 50 -> (300 + 1000 + 200) / 300 = 5.0; around 500 ([350,650]): 50, 200 -> 4.2
     ys = confirm.smoothed(curve, window=300)
-    assert ys == pytest.approx([6.5, 5.75, 1600 / 300, 4.0])
-    y1, y2 = ys[1], ys[2]
-    assert confirm.samples_to_target(curve, 5.5, window=300) == pytest.approx(150 + (y1 - 5.5) / (y1 - y2) * 150)
+    assert ys == pytest.approx([6.5, 6.0, 5.0, 4.2])
+    assert confirm.samples_to_target(curve, 5.5, window=300) == pytest.approx(225)
 
 
 def test_smoothing_reads_a_noisy_curve_near_its_true_crossing():
@@ -68,7 +72,10 @@ def test_critical_batch_fit_recovers_the_model_and_refuses_what_does_not_scale()
     noisy = confirm.fit_critical_batch([(b, s * (1 + rng.uniform(-0.05, 0.05))) for b, s in exact])
     assert noisy["b_crit"] == pytest.approx(100, rel=0.15) and noisy["max_rel_residual"] < 0.1
     assert confirm.fit_critical_batch(exact[:2]) is None  # two batches fit any curve
-    assert confirm.fit_critical_batch([(b, 300.0) for b in (64, 256, 1024)]) is None  # steps do not fall
+    flat = confirm.fit_critical_batch([(b, 300.0) for b in (64, 256, 1024)])
+    assert flat["b_crit"] is None and flat["note"] == "steps did not fall with the batch"
+    faster = confirm.fit_critical_batch([(64, 1000.0), (256, 200.0), (1024, 40.0)])  # better than linear
+    assert faster["b_crit"] is None and "above the largest batch" in faster["note"]
     assert confirm.fit_critical_batch([(64, 100.0), (256, None), (1024, 50.0)]) is None  # a batch missed it
 
 
@@ -134,34 +141,65 @@ def test_confirm_runs_each_best_lr_with_fresh_seeds_and_summarises_them(tmp_path
     assert lamb64["seeds"] == [1, 2] and lamb64["pick"]["final_loss"] == 6.0
     assert lamb64["final_loss"]["values"] == pytest.approx([5.93, 5.94])
     # 7 - step/32 (+0.1 for seed 2) reaches 6.0 in the record of step 32 (35.2 for seed 2, between the
-    # records of 35 and 36); each record stands at the middle of its step: 31.5 and 34.7
-    assert lamb64["train_steps_to_target"]["6"]["values"] == pytest.approx([31.5, 34.7])
-    assert lamb64["train_steps_to_target"]["6"]["mean"] == pytest.approx(33.1)
+    # records of 35 and 36); step k's loss is that of the weights after k - 1 updates: 31 and 34.2
+    assert lamb64["train_steps_to_target"]["6"]["values"] == pytest.approx([31, 34.2])
+    assert lamb64["train_steps_to_target"]["6"]["mean"] == pytest.approx(32.6)
     # a constant noise scale of 64: S(B) = S(64)·(1 + 64/B) / (1 + 64/64), so 5/8 of the steps at 256,
     # from each seed at 64, averaged (McCandlish et al.'s model, with the run's own steps)
     pred = seeds["predicted"]["6"]["lamb"]
     assert pred["from"] == ["lamb_b64_lrx3_s1", "lamb_b64_lrx3_s2"] and pred["batch"] == 64
     at256 = next(b for b in pred["batches"] if b["batch"] == 256)
-    assert at256["steps"] == pytest.approx((31.5 + 34.7) / 2 * 5 / 8)
+    assert at256["steps"] == pytest.approx((31 + 34.2) / 2 * 5 / 8)
     # the band: the noise scale ±10% (its error); a larger one leaves fewer steps at the larger batch
-    assert at256["low"] == pytest.approx(31.5 * (1 + 1.1 * 64 / 256) / (1 + 1.1))
-    assert at256["high"] == pytest.approx(34.7 * (1 + 0.9 * 64 / 256) / (1 + 0.9))
-    # AdamW ran at 256 only: predicted from there (7.5 and 8.3 steps to 6.0), more steps at 64
+    assert at256["low"] == pytest.approx(31 * (1 + 1.1 * 64 / 256) / (1 + 1.1))
+    assert at256["high"] == pytest.approx(34.2 * (1 + 0.9 * 64 / 256) / (1 + 0.9))
+    # AdamW ran at 256 only: predicted from there (7 and 7.8 steps to 6.0), more steps at 64
     adamw = seeds["predicted"]["6"]["adamw"]
     assert adamw["batch"] == 256 and adamw["batches"][0]["batch"] == 64
-    assert adamw["batches"][0]["steps"] == pytest.approx((7.5 + 8.3) / 2 * (1 + 1) / (1 + 64 / 256))
+    assert adamw["batches"][0]["steps"] == pytest.approx((7 + 7.8) / 2 * (1 + 1) / (1 + 64 / 256))
     crit = {(c["train_target"], c["optimizer"]): c for c in seeds["critical_batch"]}
     assert crit[(6.0, "lamb")]["fit"] is None  # two batches only
     assert crit[(6.0, "lamb")]["noise_scale_at_target"] == pytest.approx(64)
     table = (out / "seeds.md").read_text()
     assert "| 256 | adamw |" in table and "6.500, –" in table  # the pick, which never reached 6.2
-    assert "| 64 | lamb | 0.015 (×3) | **5.935** (5.930, 5.940) | –, – | **33** (32, 35) → 33 (" in table
+    assert "| 64 | lamb | 0.015 (×3) | **5.935** (5.930, 5.940) | –, – | **33** (31, 34) (the prediction's input) |" \
+        in table
+    assert "| 256 | lamb | 0.01 (×1) | **5.935** (5.930, 5.940) | –, – | **7** (7, 8) → 20 (" in table
     assert (out / "seeds.png").stat().st_size > 0
     # rerun: nothing trains again, same summary
     monkeypatch.setattr(scaling, "run_process", lambda *a, **k: pytest.fail("re-ran a finished run"))
     assert scaling.main(ARGS + ["--output", str(out), "--confirm", str(tmp_path / "grid"), "--seeds", "1,2",
                                 "--train-target", "6.0", "--train-window", "1", "--summarize"]) == 0
     assert json.loads((out / "seeds.json").read_text())["rows"] == seeds["rows"]
+    # another target and window: read again from the records, nothing of the first kept
+    assert scaling.main(ARGS + ["--output", str(out), "--confirm", str(tmp_path / "grid"), "--seeds", "1,2",
+                                "--train-target", "6.5", "--train-window", "640", "--summarize"]) == 0
+    again = {(r["optimizer"], r["batch"]): r for r in json.loads((out / "seeds.json").read_text())["rows"]}
+    assert set(again[("lamb", 64)]["train_steps_to_target"]) == {"6.5"}
+    # 7 - step/32 is linear: a centred window leaves it as is, 6.5 at step 16 -> 15 (seed 1)
+    assert again[("lamb", 64)]["train_steps_to_target"]["6.5"]["values"][0] == pytest.approx(15)
+    stored = json.loads((out / "summary.json").read_text())["runs"]
+    assert all(set(r["train_steps_to_target"]) == {"6.5"} for r in stored)
+
+
+def test_a_diverged_seed_and_one_that_missed_the_target_stay_out_of_the_fit(tmp_path):
+    def result(batch, seed, steps, final=6.0):
+        return {"optimizer": "lamb", "batch": batch, "lr": 1e-2, "lr_multiplier": 1.0, "seed_offset": seed,
+                "name": f"lamb_b{batch}_lrx1_s{seed}", "final_loss": final, "steps_to_target": None,
+                "train_steps_to_target": {"6.3": steps}}
+
+    results = [result(64, 1, 400.0), result(64, 2, 420.0), result(128, 1, 220.0), result(128, 2, 240.0, math.nan),
+               result(256, 1, 130.0), result(256, 2, None), result(512, 1, 80.0), result(512, 2, 90.0)]
+    rows = confirm.write_confirm_outputs(results, [], tmp_path, 6.2, [6.3], 8192.0)
+    by = {r["batch"]: r for r in rows}
+    assert by[128]["final_loss"]["mean"] == 6.0 and by[128]["final_loss"]["missing"] == 1  # the NaN
+    assert by[256]["train_steps_to_target"]["6.3"]["missing"] == 1
+    crit = json.loads((tmp_path / "seeds.json").read_text())["critical_batch"][0]
+    assert crit["fit"]["batches"] == [64, 128, 512]  # 256: one seed never reached 6.3
+    want = confirm.fit_critical_batch([(64, 410.0), (128, 230.0), (512, 85.0)])
+    assert crit["fit"]["b_crit"] == pytest.approx(want["b_crit"])
+    assert "| 256 | lamb | 0.01 (×1) | **6.000** (6.000, 6.000) | –, – | **130** (130, –) |" in \
+        (tmp_path / "seeds.md").read_text()
 
 
 def test_confirm_refuses_a_missing_study_and_other_lr_settings_in_one_line(tmp_path, capsys):
@@ -174,3 +212,6 @@ def test_confirm_refuses_a_missing_study_and_other_lr_settings_in_one_line(tmp_p
     err = capsys.readouterr().err
     assert rc == 2 and "pass the study's --lr" in err and "lamb_b64_lrx3" in err
     assert not (tmp_path / "c").exists()  # refused before any output
+    with pytest.raises(SystemExit) as exc:
+        scaling.main(ARGS + ["--output", str(tmp_path / "c"), "--confirm", str(tmp_path / "grid"), "--seeds", "0,1"])
+    assert exc.value.code == 2 and "0 is the study's own seed" in capsys.readouterr().err
