@@ -104,7 +104,8 @@ def predict(run_dir: Path, batch_sizes: list[int], target: Optional[float] = Non
     out = {"run": str(run_dir), "run_batch": b_run, "loss": which, "target_loss": target, "run_steps": s_run,
            "noise_scale_at_target": noise_at(noise, s_run), "noise_scale_rel_err": rel, "batches": []}
     n = max(1, int(math.ceil(s_run)))
-    for factor, key in ((1.0, ""), (1.0 - rel, "_low_noise"), (1.0 + rel, "_high_noise")):
+    # An error bar wider than the value itself leaves the low end at 0 (a noise scale is not negative).
+    for factor, key in ((1.0, ""), (max(0.0, 1.0 - rel), "_low_noise"), (1.0 + rel, "_high_noise")):
         bn = [factor * noise_at(noise, t + 0.5) for t in range(n)]
         weight = [min(1.0, s_run - t) for t in range(n)]  # the last step counts in part
         s_min = sum(w / (1 + b / b_run) for w, b in zip(weight, bn))

@@ -41,6 +41,20 @@ def test_constant_noise_scale_follows_the_model(tmp_path):
         sorted((300 * (1 + 90 / 1000) / (1 + 90 / 50), 300 * (1 + 110 / 1000) / (1 + 110 / 50))))
 
 
+def test_an_error_bar_wider_than_the_noise_scale_keeps_the_band_positive(tmp_path):
+    run = make_run(tmp_path / "r", batch=32, noise=lambda s: 100.0)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for rec in lines:
+        rec["gns_b_simple_err"] = 150.0  # ±150%: seen at batch 32, two micro-batches per step
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    p = predict.predict(run, [32, 1024], target=5.0)
+    big = p["batches"][1]
+    # low end: no noise at all, so no gain from a larger batch (the run's own 300 steps)
+    assert big["steps_low_noise"] == pytest.approx(300)
+    assert big["steps_high_noise"] == pytest.approx(300 * (1 + 250 / 1024) / (1 + 250 / 32))
+    assert 0 < big["steps_high_noise"] < big["steps"] < big["steps_low_noise"]
+
+
 def test_a_growing_noise_scale_is_integrated_over_the_run(tmp_path):
     noise = lambda s: 20.0 + 2.0 * s  # noqa: E731 - grows as the loss falls, as in real runs
     run = make_run(tmp_path / "r", batch=64, noise=noise)
