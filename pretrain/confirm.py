@@ -156,6 +156,7 @@ def predictions(results: list[dict], out: Path, target: float) -> dict[str, dict
         if made:
             found[opt] = {"from": [Path(p["run"]).name for p in made], "batch": small,
                           "noise_scale_at_target": [p["noise_scale_at_target"] for p in made],
+                          "noise_scale_rel_err": [p["noise_scale_rel_err"] for p in made],
                           "batches": [{"batch": b,
                                        "steps": sum(p["batches"][i]["steps"] for p in made) / len(made),
                                        "low": min(min(p["batches"][i]["steps_low_noise"], p["batches"][i]["steps_high_noise"])
@@ -205,8 +206,10 @@ def critical_batches(rows: list[dict], targets: list[float], predicted: dict) ->
             fit = fit_critical_batch(pts)
             p = predicted.get(key(t), {}).get(opt)
             noise = p["noise_scale_at_target"] if p else []
+            errs = p.get("noise_scale_rel_err", []) if p else []
             out.append({"train_target": t, "optimizer": opt, "fit": fit,
                         "noise_scale_at_target": sum(noise) / len(noise) if noise else None,
+                        "noise_scale_rel_err": max(errs) if errs else None,
                         "noise_from": p["batch"] if p else None})
     return out
 
@@ -255,12 +258,15 @@ def seeds_table(rows: list[dict], target: float, targets: list[float], window: f
 
 def critical_table(crit: list[dict]) -> str:
     lines = ["S(B) = S_min·(1 + B_crit/B) fitted to the mean steps per batch (relative least squares), "
-             "and the noise scale B_simple measured at the target by the smallest batch's seeds.", "",
+             "and the noise scale B_simple measured at the target by the smallest batch's seeds (± the "
+             "jackknife error at the end of the run, the largest over the seeds).", "",
              "| training target | optimizer | batches fitted | S_min | B_crit (fit) | worst misfit | "
              "B_simple at the target (batch) |", "|---|---|---|---|---|---|---|"]
     for c in crit:
         f = c["fit"]
-        noise = "" if c["noise_scale_at_target"] is None else f"{c['noise_scale_at_target']:.1f} ({c['noise_from']:,})"
+        noise = "" if c["noise_scale_at_target"] is None else (
+            f"{c['noise_scale_at_target']:.0f}" + (f" ±{100 * c['noise_scale_rel_err']:.0f}%"
+                                                  if c.get("noise_scale_rel_err") else "") + f" (batch {c['noise_from']:,})")
         if f is None:
             lines.append(f"| {c['train_target']:g} | {c['optimizer']} | fewer than 3 where every seed reached it "
                          f"| | | | {noise} |")
