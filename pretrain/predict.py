@@ -86,8 +86,8 @@ def predict(run_dir: Path, batch_sizes: list[int], target: Optional[float] = Non
     records, b_run = read_run(Path(run_dir))
     (which, losses), noise = loss_curve(records, key), noise_curve(records)
     if not losses:
-        what = {"eval_mlm_loss": "held-out loss (eval_mlm_loss)", "mlm_loss": "training MLM loss"}.get(which,
-                                                                                                    "training loss")
+        names = {"eval_mlm_loss": "held-out loss (eval_mlm_loss)", "mlm_loss": "training MLM loss"}
+        what = names.get(which, "training loss")
         raise ValueError(f"{run_dir}: no {what} in metrics.jsonl")
     if not noise:
         raise ValueError(f"{run_dir}: no gradient noise scale in metrics.jsonl (pretrain.gns_every was 0, or "

@@ -242,10 +242,10 @@ def compact(run_dir: Path) -> None:
 
 
 def with_targets(result: dict, run_dir: Path, args) -> dict:
-    """Steps to the held-out target and, with ``--train-target``, to the training MLM loss target."""
+    """Steps to the held-out target and, with ``--train-target``, to each training MLM loss target."""
     with_target(result, args.target_loss)
     return with_train_target(result, run_dir, getattr(args, "train_target", None),
-                             getattr(args, "train_window", TRAIN_WINDOW))  # --train-target: a list
+                             getattr(args, "train_window", TRAIN_WINDOW))
 
 
 def with_target(result: dict, target: float) -> dict:
@@ -713,7 +713,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="run the best lr per optimizer and batch of a finished study (GRID_DIR) with --seeds, "
                          "in --output (the study's --lr, --base-batch, --lr-rule, --samples)")
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
-                    help="with --confirm: seed offsets to run (0 is the study's own seed)")
+                    help="with --confirm: seed offsets to run, distinct and above 0 (0 is the study's own seed)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--master-port", type=int, default=29561)
     args = ap.parse_args(argv)
