@@ -154,16 +154,16 @@ def predictions(results: list[dict], out: Path, target: float) -> dict[str, dict
                 except (FileNotFoundError, ValueError):
                     continue  # no noise-scale log: nothing to predict from
         if made:
+            per_batch = []
+            for i, b in enumerate(batches):
+                at = [p["batches"][i] for p in made]
+                ends = [x[k] for x in at for k in ("steps_low_noise", "steps_high_noise")]
+                per_batch.append({"batch": b, "steps": sum(x["steps"] for x in at) / len(at),
+                                  "low": min(ends), "high": max(ends)})
             found[opt] = {"from": [Path(p["run"]).name for p in made], "batch": small,
                           "noise_scale_at_target": [p["noise_scale_at_target"] for p in made],
                           "noise_scale_rel_err": [p["noise_scale_rel_err"] for p in made],
-                          "batches": [{"batch": b,
-                                       "steps": sum(p["batches"][i]["steps"] for p in made) / len(made),
-                                       "low": min(min(p["batches"][i]["steps_low_noise"], p["batches"][i]["steps_high_noise"])
-                                                  for p in made),
-                                       "high": max(max(p["batches"][i]["steps_low_noise"], p["batches"][i]["steps_high_noise"])
-                                                   for p in made)}
-                                      for i, b in enumerate(batches)]}
+                          "batches": per_batch}
     return found
 
 
