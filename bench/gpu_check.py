@@ -500,16 +500,9 @@ def ranks_of(launcher_pid: int) -> list[int]:
 
 
 def records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line being written
-    return out
+    from pretrain.metrics import read_records
+
+    return read_records(run_dir)
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -24,12 +24,12 @@ to beat. This module reads them back:
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional
 
 from data_prep.atomic import save_figure, write_json, write_text
+from pretrain.metrics import read_records
 
 
 def train_curve(run_dir: Path, batch: int) -> list[dict]:
@@ -38,16 +38,9 @@ def train_curve(run_dir: Path, batch: int) -> list[dict]:
     averages the losses of steps prev+1..s, and step k's loss is that of the weights after k-1
     updates (k-1 batches trained on, as a held-out evaluation at step k-1 counts them): it stands
     at (prev + s - 1)/2 batches. After the first epoch the samples are no longer fresh: left out."""
-    path = Path(run_dir) / "metrics.jsonl"
     out: list[dict] = []
-    if not path.is_file():
-        return out
     prev = 0
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a torn last line
+    for rec in read_records(run_dir):
         if rec.get("mlm_loss") is None or "step" not in rec:
             continue
         if rec.get("epoch", 0) > 0:

@@ -68,6 +68,23 @@ def peak_memory_gib() -> Optional[float]:
     return peak
 
 
+def read_records(run_dir: Path) -> list[dict]:
+    """The records of ``run_dir/metrics.jsonl`` (none if absent); an unreadable line (a torn last
+    line from a crash, or one being written) is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
 class MetricsLogger:
     def __init__(self, output: Path, enabled: bool, tensorboard: bool, start_step: int) -> None:
         self.enabled = enabled

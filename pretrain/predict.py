@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from data_prep.atomic import save_figure
+from pretrain.metrics import read_records
 
 
 def read_run(run_dir: Path) -> tuple[list[dict], int]:
@@ -31,13 +32,7 @@ def read_run(run_dir: Path) -> tuple[list[dict], int]:
     cfg = run_dir / "config.effective.json"
     if not metrics.is_file() or not cfg.is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (expected metrics.jsonl and config.effective.json)")
-    records = []
-    for line in metrics.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a torn last line
-    return records, int(json.loads(cfg.read_text())["train_batch_size"])
+    return read_records(run_dir), int(json.loads(cfg.read_text())["train_batch_size"])
 
 
 def loss_curve(records: list[dict], key: str = "auto") -> tuple[str, list[tuple[int, float]]]:

@@ -55,6 +55,7 @@ from data_prep.atomic import atomic_path, save_figure, write_json, write_text
 from optim.schedules import scale_lr
 from pretrain.checkpoint import checkpoint_dirs
 from pretrain.confirm import with_train_target, write_confirm_outputs
+from pretrain.metrics import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_WINDOW = 8192  # samples the training MLM loss is smoothed over before steps to --train-target are read
@@ -268,27 +269,14 @@ def with_target(result: dict, target: float) -> dict:
 
 def read_noise(run_dir: Path, batch: int) -> list[dict]:
     """The run's gradient noise scale over training (moving averages as logged)."""
-    path = run_dir / "metrics.jsonl"
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("gns_b_simple") is not None:
-                out.append({"step": rec["step"], "samples": rec["step"] * batch, "loss": rec.get("loss"),
-                            "b_simple": rec["gns_b_simple"], "err": rec.get("gns_b_simple_err")})
-    return out
+    return [{"step": rec["step"], "samples": rec["step"] * batch, "loss": rec.get("loss"),
+             "b_simple": rec["gns_b_simple"], "err": rec.get("gns_b_simple_err")}
+            for rec in read_records(run_dir) if rec.get("gns_b_simple") is not None]
 
 
 def read_evals(run_dir: Path, spec: RunSpec) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
     evals = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_records(run_dir):
         if "eval_mlm_loss" in rec:
             evals[rec["step"]] = {"step": rec["step"], "samples": rec["step"] * spec.batch,
                                   "eval_mlm_loss": rec["eval_mlm_loss"], "eval_mlm_acc": rec["eval_mlm_acc"],
