@@ -24,6 +24,7 @@ to beat. This module reads them back:
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -272,15 +273,38 @@ def critical_table(crit: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scheduler_power(run_dir: Path) -> Optional[float]:
+    """The decay power of the WarmupPolyDecay schedule a run trained with (its config.effective.json);
+    None when the run has no such record."""
+    try:
+        sched = json.loads((run_dir / "config.effective.json").read_text()).get("scheduler") or {}
+        return float(sched["params"]["power"]) if sched.get("type") == "WarmupPolyDecay" else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def schedule_note(warmup: float, power: float, study_power: Optional[float]) -> str:
+    """One sentence for the tables: the schedule these runs trained with, and whether the study's
+    pick trained with another (then its columns compare schedules, not seeds)."""
+    shape = "constant" if power == 0 else f"(1 − t/T)^{power:g} to zero at the run's end"
+    note = f"Learning rate: linear warmup over {warmup:.0%} of each run's steps, then {shape}."
+    if study_power is not None and study_power != power:
+        note += (f" The study's pick decayed with power {study_power:g}: its column compares the two "
+                 "schedules, not seeds.")
+    return note
+
+
 def write_confirm_outputs(results: list[dict], source: list[dict], out: Path, target: float,
-                          targets: Optional[list[float]], window: float) -> list[dict]:
+                          targets: Optional[list[float]], window: float, schedule: str = "") -> list[dict]:
     targets = targets or []
     rows = seed_summary(results, source, targets)
     predicted = {key(t): predictions(results, out, t) for t in targets}
     crit = critical_batches(rows, targets, predicted)
     write_json(out / "seeds.json", {"target_loss": target, "train_targets": targets, "train_window": window,
-                                    "rows": rows, "predicted": predicted, "critical_batch": crit})
-    write_text(out / "seeds.md", seeds_table(rows, target, targets, window, predicted)
+                                    "schedule": schedule, "rows": rows, "predicted": predicted,
+                                    "critical_batch": crit})
+    write_text(out / "seeds.md", (schedule + "\n\n" if schedule else "")
+               + seeds_table(rows, target, targets, window, predicted)
                + ("\n" + critical_table(crit) if targets else ""))
     try:
         plot_confirm(results, rows, out, targets, window, predicted)

@@ -54,7 +54,7 @@ from typing import Optional
 from data_prep.atomic import atomic_path, save_figure, write_json, write_text
 from optim.schedules import scale_lr
 from pretrain.checkpoint import checkpoint_dirs
-from pretrain.confirm import with_train_target, write_confirm_outputs
+from pretrain.confirm import scheduler_power, schedule_note, with_train_target, write_confirm_outputs
 from pretrain.metrics import read_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -683,7 +683,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="runs per best lr at the smallest and largest batch (N-1 more seeds), for "
                          "the optimizers in --search-all: the noise between runs")
     ap.add_argument("--warmup", type=float, default=0.1, help="warmup as a fraction of each run's steps")
-    ap.add_argument("--power", type=float, default=0.5, help="polynomial decay power")
+    ap.add_argument("--power", type=float, default=0.5, help="polynomial decay power (0: constant after warmup)")
     ap.add_argument("--micro-batch", type=int, default=64, help="largest micro batch per rank (accumulate above)")
     ap.add_argument("--eval-points", type=int, default=8)
     ap.add_argument("--eval-samples", type=int, default=1024)
@@ -699,7 +699,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="train nothing: write the outputs from the runs finished so far")
     ap.add_argument("--confirm", type=Path, default=None, metavar="GRID_DIR",
                     help="run the best lr per optimizer and batch of a finished study (GRID_DIR) with --seeds, "
-                         "in --output (the study's --lr, --base-batch, --lr-rule, --samples)")
+                         "in --output (the study's --lr, --base-batch, --lr-rule, --samples; another --power "
+                         "reruns them under that schedule)")
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
                     help="with --confirm: seed offsets to run, distinct and above 0 (0 is the study's own seed)")
     ap.add_argument("--seed", type=int, default=42)
@@ -737,11 +738,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     lock = threading.Lock()
     source = [with_target(r, args.target_loss) for r in json.loads((args.confirm / "results.json").read_text())] \
         if args.confirm is not None else []  # the study's own runs, timed to this command's target
+    schedule = "" if args.confirm is None else schedule_note(args.warmup, args.power, next(
+        (p for p in (scheduler_power(args.confirm / r["name"]) for r in source) if p is not None), None))
 
     def outputs(rs: list[dict]) -> None:
         write_outputs(rs, args.output, args.target_loss, unigram, study=args.confirm is None)
         if args.confirm is not None:
-            write_confirm_outputs(rs, source, args.output, args.target_loss, args.train_target, args.train_window)
+            write_confirm_outputs(rs, source, args.output, args.target_loss, args.train_target, args.train_window,
+                                  schedule)
     free_slots = list(range(args.parallel))
 
     def work(i: int, spec: RunSpec) -> None:

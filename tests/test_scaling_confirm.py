@@ -215,3 +215,35 @@ def test_confirm_refuses_a_missing_study_and_other_lr_settings_in_one_line(tmp_p
     with pytest.raises(SystemExit) as exc:
         scaling.main(ARGS + ["--output", str(tmp_path / "c"), "--confirm", str(tmp_path / "grid"), "--seeds", "0,1"])
     assert exc.value.code == 2 and "0 is the study's own seed" in capsys.readouterr().err
+
+
+def test_confirm_under_another_schedule_says_so_and_trains_with_it(tmp_path, monkeypatch):
+    """--confirm with --power 0: the study's best lrs rerun at a constant rate after warmup; the
+    tables name that schedule and warn that the pick (which decayed) compares schedules, not seeds."""
+    write_grid(tmp_path / "grid")
+    (tmp_path / "grid" / "lamb_b64_lrx3").mkdir()
+    (tmp_path / "grid" / "lamb_b64_lrx3" / "config.effective.json").write_text(json.dumps(
+        {"scheduler": {"type": "WarmupPolyDecay", "params": {"warmup_proportion": 0.1, "power": 0.5}}}))
+    schedules = []
+
+    def fake_run(cmd, stdout, stderr, env):
+        run_dir = __import__("pathlib").Path(cmd[cmd.index("--output") + 1])
+        schedules.append(json.loads(next(a for a in cmd if a.startswith("scheduler="))[len("scheduler="):]))
+        write_records(run_dir, [{"step": 4, "eval_mlm_loss": 6.0, "eval_mlm_acc": 0.1, "eval_nsp_acc": 0.5}])
+
+        class P:
+            returncode = 0
+        return P()
+
+    monkeypatch.setattr(scaling, "run_process", fake_run)
+    out = tmp_path / "constant"
+    assert scaling.main(ARGS + ["--output", str(out), "--confirm", str(tmp_path / "grid"), "--seeds", "1",
+                                "--power", "0", "--warmup", "0.2"]) == 0
+    assert len(schedules) == 3 and all(s["params"] == {"warmup_proportion": 0.2, "power": 0.0} for s in schedules)
+    first = (out / "seeds.md").read_text().splitlines()[0]
+    assert first.startswith("Learning rate: linear warmup over 20% of each run's steps, then constant.")
+    assert "pick decayed with power 0.5" in first
+    assert json.loads((out / "seeds.json").read_text())["schedule"] == first
+    # the study's own schedule: named, no warning
+    assert confirm.schedule_note(0.1, 0.5, 0.5) == \
+        "Learning rate: linear warmup over 10% of each run's steps, then (1 − t/T)^0.5 to zero at the run's end."
