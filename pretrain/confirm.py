@@ -342,19 +342,27 @@ def plot_confirm(results: list[dict], rows: list[dict], out: Path, targets: list
     for t in targets:
         a1.axhline(t, color="grey", ls=":", lw=1)
     a1.set(xscale="log" if drawn else "linear", xlabel="samples", ylabel=f"training MLM loss (smoothed over {window:,.0f} samples)",
-           title="every fresh-seed run")
+           title="every run")
     a1.legend(fontsize=7)
+    ran = {(r["optimizer"], r["batch"]): r.get("steps") for r in results}
     for ax, (kind, t) in zip(axes[0][1:], panels):
         def stats(r):
             return r["train_steps_to_target"][key(t)] if kind == "train" else r["steps_to_target"]
 
         for o in opts:
             pts = [(r["batch"], v) for r in rows if r["optimizer"] == o for v in stats(r)["values"] if v is not None]
-            means = [(r["batch"], stats(r)["mean"]) for r in rows if r["optimizer"] == o and stats(r)["mean"] is not None]
+            # the mean where every seed got there (as the fit); where one did not, the steps it ran: a lower bound
+            means = [(r["batch"], math.nan if stats(r)["missing"] else stats(r)["mean"]) for r in rows
+                     if r["optimizer"] == o]  # NaN: the line breaks there
+            short = [(r["batch"], ran.get((o, r["batch"]))) for r in rows if r["optimizer"] == o and stats(r)["missing"]
+                     and ran.get((o, r["batch"]))]
             if pts:
                 ax.scatter([b for b, _ in pts], [v for _, v in pts], s=14, color=colour[o], alpha=0.6)
-            if means:
+            if any(v == v for _, v in means):
                 ax.plot([b for b, _ in means], [v for _, v in means], marker="o", color=colour[o], label=f"{o} (mean)")
+            if short:
+                ax.scatter([b for b, _ in short], [v for _, v in short], marker="^", s=40, facecolors="none",
+                           edgecolors=colour[o], label=f"{o}: a seed not there in the steps it ran")
         for o, p in (predicted.get(key(t), {}) if kind == "train" else {}).items():
             ax.plot([b["batch"] for b in p["batches"]], [b["steps"] for b in p["batches"]], ls=":", color=colour[o],
                     label=f"{o}: predicted from batch {p['batch']}")
