@@ -3,8 +3,9 @@
     python bench/engine_step.py --data .gpu/data --model large --micro 128 --accum 2 --out OUT
     python bench/engine_step.py --smoke          # CPU, bert-tiny, fp32: checks the script, times nothing useful
 
-On an H100 (``bench/gpu_check.py``, 2026-11-27) run.py reached 0.71x the samples/s of a bare
-PyTorch loop on the same model and batch (target 0.9x). The two differ in several things at
+On an H100 (``bench/gpu_check.py``, 2026-11-27) run.py reached 0.66x the samples/s of a bare
+PyTorch loop on the same model and batch with DeepSpeed's bf16 gradient scan on (run 4) and
+0.95x with it off, as the shipped configs set it (run 5; target 0.9x). The two differ in several things at
 once; this script separates them, each mode timed in interleaved rounds (A B C D A B C D ...)
 in one process, batches already on the device:
 

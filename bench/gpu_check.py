@@ -1,6 +1,7 @@
 """GPU verification of the main job: optimizer paths, step time, run.py on DeepSpeed, bare loop.
 
-    python bench/gpu_check.py --smoke                  every stage on the CPU: ~4 minutes on 2 cores (a,b,o,d,e,f,c)
+    python bench/gpu_check.py --smoke                  the default stages (a,b,o,d,e,c) on the CPU: ~4 minutes on 2 cores
+    python bench/gpu_check.py --smoke --stages f,g,s   the others (each a GPU call of its own)
     python bench/gpu_check.py --data D --out OUT       on one GPU, at most ~6 minutes
 
 Stages (``--stages a,b,o,d,e,c``, run in the order given; each prints a table row and one JSON line
@@ -38,6 +39,10 @@ s. (not in the default stages) ``finetune/squad.py`` on the accelerator, precisi
    the recipe of the CPU accuracy run in docs/squad (MiniLM, 2,000 training questions, 1 epoch,
    1,000 dev questions): its F1 against the CPU's 49.48 +- 1.05 (fp32, 3 seeds), training
    windows/s. ``--prepare`` copies those questions and an fp16 copy of the encoder.
+v. (not in the default stages) the default GPU LAMB step's Triton kernels in five layouts
+   (masked or even splits, compiler hints, 4/8/16 warps) on BERT-Large shapes, and the loader's
+   samples/s with 1, 2, 4 and 8 DataLoader workers: what stage b's ratio and stage c's data wait
+   are made of.
 
 Repeating the GPU run on a machine with PyTorch, transformers and tokenizers but no internet (as
 the project's device machine; commands from the repository root):
@@ -836,7 +841,7 @@ def prepare(dest: Path, python_version: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="every stage on the CPU with a tiny model (~4 minutes on 2 cores)")
+    ap.add_argument("--smoke", action="store_true", help="the stages on the CPU with a tiny model (the default ones: ~4 minutes on 2 cores)")
     ap.add_argument("--prepare", type=Path, metavar="DIR", help="build DIR/data and DIR/whl, then exit")
     ap.add_argument("--python-version", default="3.12", help="--prepare: the target interpreter's version")
     ap.add_argument("--data", type=Path, help="a data_prep output holding seq128/ (default: built by --prepare)")

@@ -6,7 +6,8 @@ written to ``OUTPUT/config.effective.json`` so every run records exactly what it
 
 The LR schedule lives in the DeepSpeed ``scheduler`` block; its ``total_num_steps`` is filled
 from ``pretrain.max_steps`` (one number, one place). Batch arithmetic (micro batch ×
-accumulation × world size = global batch) is checked here, before any process group work.
+accumulation × world size = global batch) is checked here once the world size is known, before
+the model is built.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ class PretrainConfig:
     log_every: int = 10                   # steps between progress lines / metrics.jsonl records
     eval_every: int = 0                   # steps between held-out MLM evaluations (0: only at the end)
     eval_samples: int = 512               # held-out samples per evaluation
-    validation_shards: int = 1            # last N shards of the data are held out (0: none)
+    validation_shards: int = 1            # 0: no held-out evaluation; data built before the document
+                                          # split: its last N shards are held out
     checkpoint_every: int = 0             # steps between checkpoints (0: only at the end / on signal)
     keep_checkpoints: int = 3             # most recent checkpoints kept
     export_on_save: bool = False          # also write a Hugging Face export next to each checkpoint

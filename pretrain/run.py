@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--train-batch-size", type=int, help="global batch (samples per optimizer step)")
     ap.add_argument("--micro-batch-size", type=int, help="samples per forward pass per rank")
     ap.add_argument("--init-checkpoint", help="phase 2: phase 1's output dir, a checkpoint, or an HF export")
-    ap.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/latest")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUTPUT/checkpoints")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any config key, e.g. --set pretrain.log_every=1 --set zero_optimization.stage=1")
@@ -161,6 +161,15 @@ def init_weights(model, path: str, engine_loads_deepspeed: bool) -> tuple[str, P
     return "deepspeed", ckpt_dir, tag
 
 
+def init_note(path: str | None, kind: str | None, keep_state: bool) -> str:
+    """The start line's account of where phase 2's weights (and moments) came from."""
+    if kind is None:
+        return ""
+    if kind == "hf" and keep_state:  # an export has no optimizer state to keep: say so
+        return f", initialised from {path} (hf: weights only, the optimizer starts fresh)"
+    return f", initialised from {path} ({kind})"
+
+
 @torch.no_grad()
 def evaluate(engine, dataset, micro: int, samples: int, world: int, rank: int) -> dict:
     """Held-out MLM loss/accuracy and NSP accuracy over a fixed subset, summed over ranks."""
@@ -240,7 +249,7 @@ def main(argv=None) -> int:
               f"global batch {glob} = {micro} x {accum} accumulation x {world} ranks, "
               f"steps {progress['step']}->{cfg.max_steps}"
               + (f", resumed from {client['_tag']}" if resuming else "")
-              + (f", initialised from {cfg.init_checkpoint} ({init_kind})" if init_kind else "")
+              + init_note(cfg.init_checkpoint, init_kind, keep_state)
               + (f", model compiled ({cfg.compile})" if engine.is_compiled else ""), flush=True)
 
     peak = cfg.peak_tflops or peak_tflops(device_name(), precision)

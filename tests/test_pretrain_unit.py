@@ -137,6 +137,27 @@ def test_masked_position_head_equals_full_projection():
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in hf.named_parameters()]
 
 
+def test_phase2_from_an_hf_export_loads_its_weights_and_says_the_optimizer_starts_fresh(tmp_path):
+    """An HF export as ``--init-checkpoint``: every weight loaded (the tied decoder too), and the
+    start line says there were no moments to keep; a DeepSpeed checkpoint's line is unchanged."""
+    from pretrain.model import build_model
+    from pretrain.run import init_note, init_weights
+
+    source = build_model("bert-tiny", 500, seed=1)
+    source.save_pretrained(tmp_path / "hf")
+    model = build_model("bert-tiny", 500, seed=2)
+    assert not torch.equal(model.bert.embeddings.word_embeddings.weight, source.bert.embeddings.word_embeddings.weight)
+    assert init_weights(model, str(tmp_path / "hf"), True) == ("hf", None, None)
+    want = source.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, want[name]), name
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert init_note("p1/hf", "hf", True) == ", initialised from p1/hf (hf: weights only, the optimizer starts fresh)"
+    assert init_note("p1/hf", "hf", False) == ", initialised from p1/hf (hf)"  # "reset" asked for nothing more
+    assert init_note("p1", "deepspeed", True) == ", initialised from p1 (deepspeed)"
+    assert init_note(None, None, True) == ""
+
+
 def test_metrics_log_drops_records_a_resumed_run_repeats(tmp_path):
     from pretrain.metrics import MetricsLogger
 
