@@ -26,7 +26,7 @@ STEPS = 6
 # path GPU runs take, DeepSpeed's bf16 optimizer under ZeRO-2, on every machine.
 PHASE1 = ["--config", str(ROOT / "ds_configs/cpu_seq128.json"), "--data", "data/seq128", "--max-steps", str(STEPS),
           "--train-batch-size", "16", "--micro-batch-size", "4", "--set", "pretrain.log_every=1",
-          "--set", "bf16.enabled=true"]
+          "--set", "bf16.enabled=true", "--set", "pretrain.eval_samples=32"]
 
 
 def free_port() -> int:
@@ -46,11 +46,6 @@ def run(cmd: list[str], cwd: Path, expect: int = 0) -> str:
     out = proc.stdout + proc.stderr
     assert proc.returncode == expect, out[-5000:]
     return out
-
-
-def deepspeed(cwd: Path, *args: str, expect: int = 0) -> str:
-    return run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                str(free_port()), str(RUN), *args], cwd, expect)
 
 
 def mpiexec() -> str:

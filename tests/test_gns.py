@@ -1,7 +1,8 @@
 """The gradient noise scale estimator against a problem whose noise is known in closed form
 (least squares with Gaussian inputs and noise: tests/distributed/gns_worker.py), through a
 DeepSpeed engine: one process without ZeRO (micro-batches against the accumulated gradient) and
-2 ranks under ZeRO-2 with accumulation (DeepSpeed's global norm of the reduced gradient)."""
+2 ranks under ZeRO-2 with accumulation (DeepSpeed's global norm of the reduced gradient), launched
+by ``mpiexec`` (the DeepSpeed launcher's own tests are in test_pretrain_signals.py)."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.gns import NoiseScale
+from tests.pretrain_helpers import mpiexec
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed" / "gns_worker.py"
@@ -53,9 +55,8 @@ def test_single_process_micro_batches_against_the_accumulated_gradient(tmp_path)
 @pytest.mark.distributed
 def test_two_ranks_under_zero2_with_accumulation(tmp_path):
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                           str(free_port()), str(WORKER), "--out", str(out), "--stage", "2", "--accum", "2"],
-                          env=env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([mpiexec(), "-n", "2", sys.executable, str(WORKER), "--out", str(out), "--stage", "2",
+                           "--accum", "2"], env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     result = json.loads(out.read_text())
     assert result["world"] == 2

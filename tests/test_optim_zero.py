@@ -1,6 +1,7 @@
 """LAMB/LARS under DeepSpeed ZeRO on 2 ranks equal the single-process result, per tensor.
 
-One launch of ``deepspeed --num_gpus 2`` trains the small BERT of ``distributed/tiny_bert.py``
+One launch of ``mpiexec -n 2`` (ranks found through mpi4py, as ``deepspeed --num_gpus 2`` would
+give them; one Python process fewer than DeepSpeed's launcher) trains the small BERT of ``distributed/tiny_bert.py``
 for 5 steps in several modes; the reference is the same training in this process with plain
 PyTorch (no DeepSpeed). Also shows that a per-partition ("naive") LAMB, what ZeRO users get
 without a layout, is far off, so this test would catch a regression to it.
@@ -19,6 +20,7 @@ import torch
 
 import optim
 from tests.distributed.tiny_bert import batches, make_model
+from tests.pretrain_helpers import mpiexec
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -66,12 +68,12 @@ def max_rel(params: dict, ref: dict) -> float:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-           str(free_port()), str(WORKER), "--out", str(out), "--runs", json.dumps(RUNS)]
+    cmd = [mpiexec(), "-n", "2", sys.executable, str(WORKER), "--out", str(out), "--runs", json.dumps(RUNS)]
     rank_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in rank_vars}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores: more threads only spin in each other's way
+    env["MASTER_PORT"] = str(free_port())
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out
