@@ -200,8 +200,18 @@ class DistributedPretrainingSampler(Sampler[int]):
                 "num_samples": self.n}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("num_samples", self.n) != self.n or state.get("num_replicas", self.num_replicas) != self.num_replicas:
-            raise ValueError(f"sampler state is for {state.get('num_samples')} samples on {state.get('num_replicas')} "
-                             f"ranks; this run has {self.n} on {self.num_replicas}: positions would not match")
+        """Resume from ``state_dict()``, also one saved by another number of ranks: rank r takes
+        samples r, r + R, r + 2R, ... of the epoch's permutation, so after k samples on each of R
+        ranks the first k * R are used, whatever R; on R' ranks that is k * R / R' each. Exact
+        while whole global batches (multiples of R and R') were consumed in the epoch; after an
+        epoch that ended inside a step it is rounded down, and fewer than R' samples of the epoch
+        are seen twice."""
+        if state.get("num_samples", self.n) != self.n:
+            raise ValueError(f"sampler state is for {state.get('num_samples')} samples; this run has {self.n}: "
+                             "positions would not match")
+        start = int(state["start_index"])
+        saved = int(state.get("num_replicas", self.num_replicas))
+        if saved != self.num_replicas:
+            start = start * saved // self.num_replicas
         self.seed = state.get("seed", self.seed)
-        self.set_epoch(state["epoch"], state["start_index"])
+        self.set_epoch(state["epoch"], start)

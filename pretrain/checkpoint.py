@@ -201,36 +201,186 @@ def prune(ckpt_dir: Path, keep: int) -> None:
 
 def load_resume(engine, output: Path, announce: bool = True) -> Optional[dict]:
     """Restore the newest complete checkpoint of this run that loads (engine, RNG); returns its
-    client state. Checkpoints that are incomplete or fail to load are skipped with a message."""
+    client state. Checkpoints that are incomplete or fail to load are skipped with a message.
+
+    A checkpoint written by another number of ranks (a preempted job requeued on fewer or more
+    nodes) is loaded through :func:`reshard_zero_state`: ZeRO-1/2 optimizer state re-partitioned
+    exactly; ``client["_saved_world"]`` then holds the old world size, so the caller converts the
+    sampler position (``data_prep``'s sampler does) and says so."""
     import deepspeed.comm as dist
 
     ckpt_dir = output / "checkpoints"
     say = (lambda m: print(f"resume: skipping {m}", file=sys.stderr, flush=True)) if announce else None
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     for tag in reversed(complete_tags(ckpt_dir, say)):
-        # Each rank opens its own files first (memory-mapped: cheap); every rank must agree before
-        # DeepSpeed's load, which runs collectives a failing rank would leave the others waiting in.
-        why = _unreadable(ckpt_dir / tag, rank)
+        try:
+            saved = saved_world(ckpt_dir / tag)
+        except FileNotFoundError as exc:  # the same files on every rank: all skip it alike
+            if say:
+                say(f"{tag}: {str(exc).split(': ', 1)[1]}")
+            continue
+        # Each rank opens its own files first (memory-mapped: cheap), all partitions when the world
+        # size changed; every rank must agree before DeepSpeed's load, which runs collectives a
+        # failing rank would leave the others waiting in.
+        why = _unreadable(ckpt_dir / tag, rank, every_partition=saved not in (None, world))
         failed = torch.tensor([0.0 if why is None else 1.0], device=engine.device)
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if failed.item() > 0:
             if say:
                 say(f"{tag}: {why or 'a file of another rank does not open'}")
             continue
-        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if saved in (None, world):
+            _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        else:
+            client = _load_resharded(engine, ckpt_dir, tag, saved)
         if client is None:
             raise RuntimeError(f"{ckpt_dir / tag}: DeepSpeed found no state in it")
-        rng = ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt"
+        rng = ckpt_dir / tag / f"rng_rank{rank}.pt"
         if rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))
         client["_tag"] = tag
+        if saved not in (None, world):
+            client["_saved_world"] = saved
         return client
     return None
 
 
-def _unreadable(tag_dir: Path, rank: int) -> Optional[str]:
-    """None when this rank's files of the checkpoint open, else why not."""
-    mine = sorted(tag_dir.glob("mp_rank_*_model_states.pt")) + sorted(tag_dir.glob(f"*zero_pp_rank_{rank}_*"))
+def saved_world(tag_dir: Path) -> Optional[int]:
+    """How many data-parallel ranks wrote a checkpoint's optimizer partitions (None: no partitions);
+    a missing partition file is an error naming it (a resume on another world size reads them all)."""
+    files = _partition_files(tag_dir)
+    if not files:
+        return None
+    model = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    world = len(files)
+    if model:
+        try:
+            world = int(torch.load(model[0], map_location="cpu", weights_only=False, mmap=True).get("dp_world_size")
+                        or world)
+        except Exception:  # noqa: BLE001 - an unreadable model file is reported by the load itself
+            pass
+    prefix = files[0].name.split("zero_pp_rank_")[0]
+    missing = [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)
+               if not (tag_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{tag_dir}: written by {world} ranks, partition file(s) missing: {', '.join(missing)}")
+    return world
+
+
+def _partition_files(tag_dir: Path) -> list[Path]:
+    files = list(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    return sorted(files, key=lambda f: int(f.name.split("zero_pp_rank_")[1].split("_")[0]))
+
+
+def _load_resharded(engine, ckpt_dir: Path, tag: str, saved: int, load_lr_scheduler_states: bool = True) -> dict:
+    """Load a checkpoint of ``saved`` ranks on another world size: DeepSpeed loads the model,
+    scheduler and counters (it refuses the optimizer state of another world size), then each rank
+    takes its new partition of every saved one (fp32 master weights, moments, step) through the
+    ZeRO optimizer's own loader. Returns the client state."""
+    import deepspeed.comm as dist
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from .config import ConfigError
+
+    world = dist.get_world_size()
+    opt = engine.optimizer
+    if not isinstance(opt, DeepSpeedZeroOptimizer):
+        raise ConfigError(f"{ckpt_dir / tag} was written by {saved} ranks and this launch has {world}: only "
+                          f"ZeRO-1/2 optimizer state is re-partitioned here ({type(opt).__name__} is not); "
+                          f"launch {saved} ranks, or use ZeRO stage 1 or 2 in both runs")
+    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False,
+                                       load_lr_scheduler_states=load_lr_scheduler_states)
+    parts = [torch.load(f, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+             for f in _partition_files(ckpt_dir / tag)]
+    why = _layout_differs(parts, opt)
+    if why:
+        raise ConfigError(f"{ckpt_dir / tag} (written by {saved} ranks) cannot be re-partitioned onto {world}: {why}")
+    sizes = [p.numel() for p in opt.single_partition_of_fp32_groups]
+    try:
+        mine = reshard_zero_state(parts, sizes, dist.get_rank(), world)
+        opt.load_state_dict([mine] * world, load_optimizer_states=True, load_from_fp32_weights=True)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ConfigError(f"{ckpt_dir / tag}: its optimizer state of {saved} ranks did not load onto {world} "
+                          f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    return client
+
+
+def _layout_differs(parts: list[dict], opt) -> Optional[str]:
+    """Why the saved partitions do not cut into the live optimizer's, or None. Each parameter's
+    start in its group's flat vector is read from the partitions' slice mappings (rank k's
+    fragments start at k * partition size) and must be where the live optimizer puts it: this
+    refuses round_robin_gradients (its parameter order depends on the world size), DeepSpeed's
+    elastic format, and another model or grouping."""
+    if getattr(opt, "round_robin_gradients", False):
+        return "zero_optimization.round_robin_gradients orders parameters by rank; turn it off to resume here"
+    if any(not isinstance(p.get("base_optimizer_state"), dict) for p in parts):
+        return "it was saved with zero_optimization.elastic_checkpoint, a format not read here"
+    if any("param_slice_mappings" not in p for p in parts):
+        return "its partitions carry no parameter map (saved by an older DeepSpeed)"
+    for g, (params, offsets) in enumerate(zip(opt.round_robin_bit16_groups, opt.round_robin_bit16_offsets)):
+        live = {opt.param_names[p]: off for p, off in zip(params, offsets)}
+        size = parts[0]["single_partition_of_fp32_groups"][g].numel() + (parts[0].get("group_paddings") or [0] * (g + 1))[g]
+        saved: dict[str, int] = {}
+        for k, p in enumerate(parts):
+            for name, frag in p["param_slice_mappings"][g].items():
+                saved[name] = min(saved.get(name, k * size + frag.start), k * size + frag.start)
+        if saved != live:
+            moved = sorted(set(saved.items()) ^ set(live.items()))[:3]
+            return f"parameter group {g} is laid out otherwise (e.g. {moved}): another model, grouping or ZeRO setting"
+    return None
+
+
+def reshard_zero_state(parts: list[dict], sizes: list[int], rank: int, world: int) -> dict:
+    """Rank ``rank``'s ZeRO-1/2 optimizer state in a world of ``world`` ranks, cut from the state
+    dicts ``parts`` that the ranks of another world saved (DeepSpeed's format, one per old rank).
+
+    ZeRO-1/2 lay each parameter group out as one flat vector, parameters end to end (with any
+    alignment padding ``zero_optimization.parameter_alignment`` asks for, which DeepSpeed checks
+    on loading), and give rank r the slice [r * size, (r + 1) * size); only the padding at the
+    end depends on the world size. So the old partitions end to end are the group, and the new
+    slice is cut from them: the fp32 master weights and every per-element optimizer state (LAMB's
+    moments, LARS's momentum) exactly; per-tensor entries (the step count) are copied.
+    """
+    first = parts[0]
+    groups = len(first["single_partition_of_fp32_groups"])
+    pads = [p.get("group_paddings") or [0] * groups for p in parts]
+    # DeepSpeed saves each rank's fp32 partition without its padding (the moments with it): the
+    # partition size is the saved fp32 length plus that rank's padding, the group's length the
+    # partitions' less every padding
+    n_old = [first["single_partition_of_fp32_groups"][g].numel() + pads[0][g] for g in range(groups)]
+    length = [n * len(parts) - sum(pad[g] for pad in pads) for g, n in enumerate(n_old)]
+
+    def cut(pieces: list[torch.Tensor], g: int) -> torch.Tensor:
+        n, size = n_old[g], sizes[g]
+        a, out = rank * size, torch.zeros(size, dtype=pieces[0].dtype)  # the new padding: zeros
+        for k, piece in enumerate(pieces):
+            lo, hi = max(a, k * n), min(a + size, k * n + piece.numel(), length[g])
+            if lo < hi:
+                out[lo - a:hi - a] = piece.reshape(-1)[lo - k * n:hi - k * n]
+        return out
+
+    base = first["base_optimizer_state"]
+    state = {}
+    for g, group in enumerate(base["param_groups"]):
+        for idx in group["params"]:
+            entry = {}
+            for key, value in base["state"].get(idx, {}).items():
+                if torch.is_tensor(value) and value.dim() == 1 and value.numel() == n_old[g]:
+                    entry[key] = cut([p["base_optimizer_state"]["state"][idx][key] for p in parts], g)
+                else:
+                    entry[key] = value
+            state[idx] = entry
+    fp32 = [cut([p["single_partition_of_fp32_groups"][g] for p in parts], g) for g in range(len(sizes))]
+    return dict(first, base_optimizer_state={"state": state, "param_groups": base["param_groups"]},
+                single_partition_of_fp32_groups=fp32, partition_count=[world] * len(sizes),
+                group_paddings=[min(size, max(0, (rank + 1) * size - n)) for size, n in zip(sizes, length)])
+
+
+def _unreadable(tag_dir: Path, rank: int, every_partition: bool = False) -> Optional[str]:
+    """None when this rank's files of the checkpoint open (with ``every_partition``: all ranks'
+    optimizer partitions, which a resume on another world size reads), else why not."""
+    partitions = _partition_files(tag_dir) if every_partition else sorted(tag_dir.glob(f"*zero_pp_rank_{rank}_*"))
+    mine = sorted(tag_dir.glob("mp_rank_*_model_states.pt")) + partitions
     for f in mine:
         try:
             torch.load(f, map_location="cpu", weights_only=False, mmap=True)
@@ -246,18 +396,26 @@ def restore_phase1_optimizer(engine, ckpt_dir: Path, tag: str, mode: str) -> Non
     NVIDIA's phase 2; ``keep_step``: moments and step count as phase 1 left them. Either way
     the learning rate, schedule and hyperparameters are phase 2's own (loading the optimizer
     also restores phase 1's param-group settings, among them its last learning rate, often 0)
-    and the engine's step counters start from 0.
+    and the engine's step counters start from 0. Phase 1 may have run on another number of ranks
+    (ZeRO-1/2 state is re-partitioned as on a resume).
     """
+    import deepspeed.comm as dist
+
     from .config import ConfigError
 
     own = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    saved = saved_world(ckpt_dir / tag)
     try:
-        engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
-    except (RuntimeError, ValueError, KeyError, AssertionError) as exc:
+        if saved is None or saved == dist.get_world_size():
+            engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+        else:
+            _load_resharded(engine, ckpt_dir, tag, saved, load_lr_scheduler_states=False)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - DeepSpeed's ZeRORuntimeException is none of the usual kinds
         raise ConfigError(
             f"cannot restore the optimizer state of {ckpt_dir / tag} ({type(exc).__name__}: {str(exc)[:200]}); "
-            "ZeRO partitions the state by rank, so phase 2 must keep phase 1's world size and ZeRO stage, "
-            "or set pretrain.init_optimizer_state to \"reset\"") from None
+            "phase 2 must keep phase 1's ZeRO stage, or set pretrain.init_optimizer_state to \"reset\"") from None
     for group, settings in zip(engine.optimizer.param_groups, own):
         group.update(settings)
     if mode == "keep":

@@ -13,6 +13,10 @@ merged result is saved as OUTPUT/config.effective.json.
 Phase 2 (seq 512) is the same script with the phase-2 config and ``--init-checkpoint`` pointing
 at phase 1's output: weights always, LAMB moments kept unless ``init_optimizer_state`` is
 "reset", a fresh LR schedule and step counter.
+
+``--resume`` continues from the newest complete checkpoint, also on another number of ranks than
+wrote it (a requeued job that got fewer or more nodes): the ZeRO-1/2 optimizer state is
+re-partitioned and the sampler's position converted (``pretrain/checkpoint.py``).
 """
 from __future__ import annotations
 
@@ -240,7 +244,10 @@ def main(argv=None) -> int:
                                          "messages above); move them away to start over")
         check_same_settings(client.get("fingerprint", {}), fp, output)
         progress.update(step=client["step"], samples=client["samples"], skipped=client.get("skipped", 0))
-        stream.load_state_dict(client["sampler"])
+        try:
+            stream.load_state_dict(client["sampler"])  # converted when the world size changed
+        except ValueError as exc:
+            raise config_mod.ConfigError(f"--resume from {client['_tag']}: {exc}") from None
     if is_main:  # written once the run is accepted, with every edit made to the config
         output.mkdir(parents=True, exist_ok=True)
         write_json(output / "config.effective.json", config_mod.effective(effective, cfg))
@@ -249,6 +256,8 @@ def main(argv=None) -> int:
               f"global batch {glob} = {micro} x {accum} accumulation x {world} ranks, "
               f"steps {progress['step']}->{cfg.max_steps}"
               + (f", resumed from {client['_tag']}" if resuming else "")
+              + (f" (written by {client['_saved_world']} ranks: optimizer state re-partitioned onto {world}, "
+                 "the same samples in each step; dropout draws differ)" if resuming and "_saved_world" in client else "")
               + init_note(cfg.init_checkpoint, init_kind, keep_state)
               + (f", model compiled ({cfg.compile})" if engine.is_compiled else ""), flush=True)
 

@@ -545,8 +545,23 @@ def test_sampler_disjoint_equal_seeded_resumable():
     fresh.load_state_dict(state)
     assert taken + list(fresh) == whole and len(fresh) == len(whole) - 37
     assert DistributedPretrainingSampler(n, R, 2, seed=5, epoch=3, start_index=37).indices().tolist() == whole
-    with pytest.raises(ValueError, match="ranks"):
-        DistributedPretrainingSampler(n, 8, 0).load_state_dict(state)
+    rounded = DistributedPretrainingSampler(n, 8, 0, seed=5)
+    rounded.load_state_dict(state)  # 148 used on 4 ranks: 18 each on 8 (4 samples seen twice)
+    assert rounded.start_index == 18
+    # resumed on another number of ranks (a job requeued on fewer or more nodes): after 36 samples
+    # on each of 4 ranks the epoch's first 144 are used; 3 or 8 ranks go on with exactly the rest,
+    # and their step-sized groups (one sample a rank here) are the same sets as 4 ranks' would be
+    order = np.random.default_rng([5, 3]).permutation(n)
+    state = dict(DistributedPretrainingSampler(n, R, 0, seed=5, epoch=3, start_index=36).state_dict())
+    for new in (3, 8):
+        rest = []
+        for r in range(new):
+            s = DistributedPretrainingSampler(n, new, r, seed=0)
+            s.load_state_dict(state)
+            assert s.epoch == 3 and s.start_index == 144 // new
+            rest.append(list(s))
+        assert sorted(i for part in rest for i in part) == sorted(order[144:n // new * new].tolist())
+        assert {rest[r][0] for r in range(new)} == set(order[144:144 + new].tolist())
 
 
 def _children(pid: int) -> list[int]:

@@ -158,6 +158,52 @@ def test_phase2_from_an_hf_export_loads_its_weights_and_says_the_optimizer_start
     assert init_note(None, None, True) == ""
 
 
+@pytest.mark.parametrize("old,new", [(2, 1), (1, 2), (1, 3), (3, 2), (2, 5)])
+def test_zero_state_is_cut_into_the_partitions_of_another_world_size(old, new):
+    """ZeRO-1/2 partitions of a group are slices of one flat vector padded to a multiple of twice
+    the world size. DeepSpeed saves each rank's fp32 slice without its padding and the moments
+    with it (NaN here: it must not be copied). The new world's slices, end to end, are the same
+    vector, padded with zeros; the step count is copied; the other entries come from old rank 0."""
+    from pretrain.checkpoint import reshard_zero_state
+
+    lengths = [1001, 7, 1]  # odd lengths: rank 0 of a 1-rank save holds padding too
+    full = {k: [torch.randn(n, dtype=torch.float64) for n in lengths] for k in ("fp32", "exp_avg", "exp_avg_sq")}
+
+    def layout(world: int, n: int) -> tuple[int, list[int]]:
+        """(partition size, padding in each rank's partition), DeepSpeed's rule"""
+        size = -(-n // (2 * world)) * 2
+        return size, [min(size, max(0, (r + 1) * size - n)) for r in range(world)]
+
+    def partitions(vector: torch.Tensor, world: int, unpadded: bool) -> list[torch.Tensor]:
+        size, pads = layout(world, vector.numel())
+        padded = torch.cat([vector, torch.full((size * world - vector.numel(),), float("nan"), dtype=vector.dtype)])
+        return [piece[:size - pad] if unpadded else piece for piece, pad in zip(padded.split(size), pads)]
+
+    fp32 = [partitions(v, old, unpadded=True) for v in full["fp32"]]  # [group][rank]
+    moments = {k: [partitions(v, old, unpadded=False) for v in full[k]] for k in ("exp_avg", "exp_avg_sq")}
+    parts = [{"loss_scaler": "scaler", "ds_version": "0.19.8", "partition_count": [old] * 3,
+              "group_paddings": [layout(old, n)[1][r] for n in lengths],
+              "single_partition_of_fp32_groups": [fp32[g][r] for g in range(3)],
+              "base_optimizer_state": {
+                  "state": {g: {"step": 9, **{k: moments[k][g][r] for k in moments}} for g in range(3)},
+                  "param_groups": [{"params": [g], "lr": 1e-3} for g in range(3)]}}
+             for r in range(old)]
+    sizes = [layout(new, n)[0] for n in lengths]
+    mine = [reshard_zero_state(parts, sizes, r, new) for r in range(new)]
+    for g, n in enumerate(lengths):
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            pieces = [x["single_partition_of_fp32_groups"][g] if key == "fp32" else
+                      x["base_optimizer_state"]["state"][g][key] for x in mine]
+            assert [p.numel() for p in pieces] == [sizes[g]] * new
+            joined = torch.cat(pieces)
+            assert torch.equal(joined[:n], full[key][g]), (key, g)
+            assert not joined[n:].any(), (key, g)  # the new padding is zeros, never the old NaN
+        assert [x["group_paddings"][g] for x in mine] == layout(new, n)[1]
+    assert all(x["base_optimizer_state"]["state"][g]["step"] == 9 for x in mine for g in range(3))
+    assert all(x["partition_count"] == [new] * 3 and x["loss_scaler"] == "scaler" for x in mine)
+    assert mine[0]["base_optimizer_state"]["param_groups"] == parts[0]["base_optimizer_state"]["param_groups"]
+
+
 def test_metrics_log_drops_records_a_resumed_run_repeats(tmp_path):
     from pretrain.metrics import MetricsLogger
 
