@@ -165,6 +165,24 @@ def init_weights(model, path: str, engine_loads_deepspeed: bool) -> tuple[str, P
     return "deepspeed", ckpt_dir, tag
 
 
+def resume(engine, stream, output: Path, fp: dict, world: int, is_main: bool) -> tuple[dict, str]:
+    """Engine and data position from the newest complete checkpoint: (progress, start-line note)."""
+    client = checkpoint.load_resume(engine, output, announce=is_main)
+    if client is None:
+        raise config_mod.ConfigError(f"--resume: no checkpoint in {output / 'checkpoints'} loads (see the "
+                                     "messages above); move them away to start over")
+    check_same_settings(client.get("fingerprint", {}), fp, output)
+    try:
+        stream.load_state_dict(client["sampler"])  # converted when the world size changed
+    except ValueError as exc:
+        raise config_mod.ConfigError(f"--resume from {client['_tag']}: {exc}") from None
+    note = f", resumed from {client['_tag']}"
+    if "_saved_world" in client:
+        note += (f" (written by {client['_saved_world']} ranks: optimizer state re-partitioned onto {world}, "
+                 "the same samples in each step; dropout draws differ)")
+    return {"step": client["step"], "samples": client["samples"], "skipped": client.get("skipped", 0)}, note
+
+
 def init_note(path: str | None, kind: str | None, keep_state: bool) -> str:
     """The start line's account of where phase 2's weights (and moments) came from."""
     if kind is None:
@@ -236,18 +254,9 @@ def main(argv=None) -> int:
     stream = data_mod.TrainStream(train_ds, micro, world, rank, cfg.seed, cfg.num_workers,
                                   pin_memory=device.type != "cpu")
     fp = fingerprint(ds_cfg, cfg, info.manifest)
-    progress = {"step": 0, "samples": 0, "skipped": 0}
+    progress, resumed = {"step": 0, "samples": 0, "skipped": 0}, ""
     if resuming:
-        client = checkpoint.load_resume(engine, output, announce=is_main)
-        if client is None:
-            raise config_mod.ConfigError(f"--resume: no checkpoint in {output / 'checkpoints'} loads (see the "
-                                         "messages above); move them away to start over")
-        check_same_settings(client.get("fingerprint", {}), fp, output)
-        progress.update(step=client["step"], samples=client["samples"], skipped=client.get("skipped", 0))
-        try:
-            stream.load_state_dict(client["sampler"])  # converted when the world size changed
-        except ValueError as exc:
-            raise config_mod.ConfigError(f"--resume from {client['_tag']}: {exc}") from None
+        progress, resumed = resume(engine, stream, output, fp, world, is_main)
     if is_main:  # written once the run is accepted, with every edit made to the config
         output.mkdir(parents=True, exist_ok=True)
         write_json(output / "config.effective.json", config_mod.effective(effective, cfg))
@@ -255,10 +264,7 @@ def main(argv=None) -> int:
               f"{len(train_ds):,} train / {len(val_ds) if val_ds else 0:,} held-out samples, world {world}, "
               f"global batch {glob} = {micro} x {accum} accumulation x {world} ranks, "
               f"steps {progress['step']}->{cfg.max_steps}"
-              + (f", resumed from {client['_tag']}" if resuming else "")
-              + (f" (written by {client['_saved_world']} ranks: optimizer state re-partitioned onto {world}, "
-                 "the same samples in each step; dropout draws differ)" if resuming and "_saved_world" in client else "")
-              + init_note(cfg.init_checkpoint, init_kind, keep_state)
+              + resumed + init_note(cfg.init_checkpoint, init_kind, keep_state)
               + (f", model compiled ({cfg.compile})" if engine.is_compiled else ""), flush=True)
 
     peak = cfg.peak_tflops or peak_tflops(device_name(), precision)
