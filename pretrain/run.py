@@ -178,7 +178,8 @@ def resume(engine, stream, output: Path, fp: dict, world: int, is_main: bool) ->
         raise config_mod.ConfigError(f"--resume from {client['_tag']}: {exc}") from None
     note = f", resumed from {client['_tag']}"
     if "_saved_world" in client:
-        note += (f" (written by {client['_saved_world']} ranks: optimizer state re-partitioned onto {world}, "
+        saved = client["_saved_world"]
+        note += (f" (written by {saved} rank{'s' * (saved != 1)}: optimizer state re-partitioned onto {world}, "
                  "the same samples in each step; dropout draws differ)")
     return {"step": client["step"], "samples": client["samples"], "skipped": client.get("skipped", 0)}, note
 

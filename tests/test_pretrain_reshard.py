@@ -84,7 +84,7 @@ def test_resume_on_fewer_then_more_ranks_continues_the_straight_run(pretrain_wor
 
     more = resume_from(pretrain_work, "rs_fewer", "step0000004", "rs_more")
     text = launch(pretrain_work, 2, *args(model, "rs_more"), "--resume")
-    assert "resumed from step0000004 (written by 1 ranks: optimizer state re-partitioned onto 2" in text, text[-3000:]
+    assert "resumed from step0000004 (written by 1 rank: optimizer state re-partitioned onto 2" in text, text[-3000:]
 
     for run_dir, first in ((fewer, 3), (more, 5)):
         got = losses(run_dir)
