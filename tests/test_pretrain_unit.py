@@ -204,6 +204,25 @@ def test_zero_state_is_cut_into_the_partitions_of_another_world_size(old, new):
     assert mine[0]["base_optimizer_state"]["param_groups"] == parts[0]["base_optimizer_state"]["param_groups"]
 
 
+def test_a_checkpoint_missing_a_partition_names_it(tmp_path):
+    """The world size that wrote a checkpoint comes from its model file, not from counting the
+    partition files: a lost one would otherwise pass for a smaller world (and a re-partitioned
+    resume would fill its share with zeros)."""
+    from pretrain.checkpoint import saved_world
+
+    tag = tmp_path / "step0000004"
+    tag.mkdir()
+    assert saved_world(tag) is None  # no partitions: nothing to re-partition
+    torch.save({"dp_world_size": 3}, tag / "mp_rank_00_model_states.pt")
+    for r in (0, 2):
+        torch.save({}, tag / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    with pytest.raises(FileNotFoundError, match="written by 3 ranks, partition file.s. missing: "
+                                                "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        saved_world(tag)
+    torch.save({}, tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert saved_world(tag) == 3
+
+
 def test_metrics_log_drops_records_a_resumed_run_repeats(tmp_path):
     from pretrain.metrics import MetricsLogger
 
