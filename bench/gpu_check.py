@@ -1,6 +1,6 @@
 """GPU verification of the main job: optimizer paths, step time, run.py on DeepSpeed, bare loop.
 
-    python bench/gpu_check.py --smoke                  the default stages (a,b,o,d,e,c) on the CPU: ~4 minutes on 2 cores
+    python bench/gpu_check.py --smoke                  the default stages (a,b,o,d,e,c) on the CPU: ~2-3 minutes on 2 cores
     python bench/gpu_check.py --smoke --stages f,g,s   the others (each a GPU call of its own)
     python bench/gpu_check.py --data D --out OUT       on one GPU, at most ~6 minutes
 
@@ -841,7 +841,7 @@ def prepare(dest: Path, python_version: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="the stages on the CPU with a tiny model (the default ones: ~4 minutes on 2 cores)")
+    ap.add_argument("--smoke", action="store_true", help="the stages on the CPU with a tiny model (the default ones: ~2-3 minutes on 2 cores)")
     ap.add_argument("--prepare", type=Path, metavar="DIR", help="build DIR/data and DIR/whl, then exit")
     ap.add_argument("--python-version", default="3.12", help="--prepare: the target interpreter's version")
     ap.add_argument("--data", type=Path, help="a data_prep output holding seq128/ (default: built by --prepare)")
