@@ -319,7 +319,8 @@ def _layout_differs(parts: list[dict], opt) -> Optional[str]:
         return "its partitions carry no parameter map (saved by an older DeepSpeed)"
     for g, (params, offsets) in enumerate(zip(opt.round_robin_bit16_groups, opt.round_robin_bit16_offsets)):
         live = {opt.param_names[p]: off for p, off in zip(params, offsets)}
-        size = parts[0]["single_partition_of_fp32_groups"][g].numel() + (parts[0].get("group_paddings") or [0] * (g + 1))[g]
+        pad = (parts[0].get("group_paddings") or [0] * (g + 1))[g]  # fp32 is saved without it
+        size = parts[0]["single_partition_of_fp32_groups"][g].numel() + pad
         saved: dict[str, int] = {}
         for k, p in enumerate(parts):
             for name, frag in p["param_slice_mappings"][g].items():

@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--train-batch-size", type=int, help="global batch (samples per optimizer step)")
     ap.add_argument("--micro-batch-size", type=int, help="samples per forward pass per rank")
     ap.add_argument("--init-checkpoint", help="phase 2: phase 1's output dir, a checkpoint, or an HF export")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUTPUT/checkpoints")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the newest complete checkpoint in OUTPUT/checkpoints (any world size)")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any config key, e.g. --set pretrain.log_every=1 --set zero_optimization.stage=1")
