@@ -181,7 +181,7 @@ def resume(engine, stream, output: Path, fp: dict, world: int, is_main: bool) ->
     if "_saved_world" in client:
         saved = client["_saved_world"]
         note += (f" (written by {saved} rank{'s' * (saved != 1)}: optimizer state re-partitioned onto {world}, "
-                 "the same samples in each step; dropout draws differ)")
+                 "data position converted; dropout draws differ)")
     return {"step": client["step"], "samples": client["samples"], "skipped": client.get("skipped", 0)}, note
 
 
