@@ -52,7 +52,9 @@ def args(shared_data, ckpt, out: Path, *extra) -> list[str]:
 
 
 def run(cmd: list[str], expect: int = 0) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV1, timeout=600)
+    """Run to the end; a port of its own (mpiexec's ranks would otherwise take DeepSpeed's default)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(ENV1, MASTER_PORT=str(free_port())),
+                          timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == expect, out[-4000:]
     return out
