@@ -222,24 +222,25 @@ def load_resume(engine, output: Path, announce: bool = True) -> Optional[dict]:
         # Each rank opens its own files first (memory-mapped: cheap), all partitions when the world
         # size changed; every rank must agree before DeepSpeed's load, which runs collectives a
         # failing rank would leave the others waiting in.
-        why = _unreadable(ckpt_dir / tag, rank, every_partition=saved not in (None, world))
+        reshard = saved not in (None, world)
+        why = _unreadable(ckpt_dir / tag, rank, every_partition=reshard)
         failed = torch.tensor([0.0 if why is None else 1.0], device=engine.device)
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if failed.item() > 0:
             if say:
                 say(f"{tag}: {why or 'a file of another rank does not open'}")
             continue
-        if saved in (None, world):
-            _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-        else:
+        if reshard:
             client = _load_resharded(engine, ckpt_dir, tag, saved)
+        else:
+            _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if client is None:
             raise RuntimeError(f"{ckpt_dir / tag}: DeepSpeed found no state in it")
         rng = ckpt_dir / tag / f"rng_rank{rank}.pt"
         if rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))
         client["_tag"] = tag
-        if saved not in (None, world):
+        if reshard:
             client["_saved_world"] = saved
         return client
     return None
@@ -259,12 +260,17 @@ def saved_world(tag_dir: Path) -> Optional[int]:
                         or world)
         except Exception:  # noqa: BLE001 - an unreadable model file is reported by the load itself
             pass
-    prefix = files[0].name.split("zero_pp_rank_")[0]
-    missing = [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)
-               if not (tag_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file()]
+    missing = _missing_partitions(tag_dir, world)
     if missing:
         raise FileNotFoundError(f"{tag_dir}: written by {world} ranks, partition file(s) missing: {', '.join(missing)}")
     return world
+
+
+def _missing_partitions(tag_dir: Path, world: int) -> list[str]:
+    """The names of the optimizer partition files of ``world`` ranks that ``tag_dir`` lacks."""
+    prefix = "bf16_" if any(tag_dir.glob("bf16_zero_pp_rank_*")) else ""
+    names = [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    return [name for name in names if not (tag_dir / name).is_file()]
 
 
 def _partition_files(tag_dir: Path) -> list[Path]:
@@ -452,9 +458,7 @@ def fp32_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     stage = int(((states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
     if stage >= 1:
         world = int(states.get("dp_world_size") or 1)
-        prefix = "bf16_" if any(tag_dir.glob("bf16_zero_pp_rank_*")) else ""
-        missing = [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)
-                   if not (tag_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file()]
+        missing = _missing_partitions(tag_dir, world)
         if missing:
             raise FileNotFoundError(f"{tag_dir}: ZeRO-{stage} checkpoint of {world} ranks, partition file(s) "
                                     f"missing: {', '.join(missing)}")
