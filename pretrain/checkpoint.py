@@ -15,6 +15,9 @@ found by listing the directory, not through ``latest``: a missing, empty or stal
 checkpoint directory deleted by hand, or a file truncated by a full disk makes a resume fall back
 to the newest complete checkpoint, never start over and prune the good ones. An unfinished save
 (no ``complete.json``, newer than every complete checkpoint) is removed by the next save.
+
+Resuming on another number of ranks re-partitions ZeRO-1/2 optimizer state: that reads
+DeepSpeed's private layout and lives in ``pretrain/zero_reshard.py``.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ import numpy as np
 import torch
 
 from data_prep.atomic import atomic_path, write_text
+
+from .zero_reshard import load_resharded, missing_partitions, partition_files, saved_world
 
 TAG_PREFIX = "step"
 
@@ -204,7 +209,7 @@ def load_resume(engine, output: Path, announce: bool = True) -> Optional[dict]:
     client state. Checkpoints that are incomplete or fail to load are skipped with a message.
 
     A checkpoint written by another number of ranks (a preempted job requeued on fewer or more
-    nodes) is loaded through :func:`reshard_zero_state`: ZeRO-1/2 optimizer state re-partitioned
+    nodes) is loaded through :mod:`pretrain.zero_reshard`: ZeRO-1/2 optimizer state re-partitioned
     exactly; ``client["_saved_world"]`` then holds the old world size, so the caller converts the
     sampler position (``data_prep``'s sampler does) and says so."""
     import deepspeed.comm as dist
@@ -231,7 +236,7 @@ def load_resume(engine, output: Path, announce: bool = True) -> Optional[dict]:
                 say(f"{tag}: {why or 'a file of another rank does not open'}")
             continue
         if reshard:
-            client = _load_resharded(engine, ckpt_dir, tag, saved)
+            client = load_resharded(engine, ckpt_dir, tag, saved)
         else:
             _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if client is None:
@@ -246,149 +251,11 @@ def load_resume(engine, output: Path, announce: bool = True) -> Optional[dict]:
     return None
 
 
-def saved_world(tag_dir: Path) -> Optional[int]:
-    """How many data-parallel ranks wrote a checkpoint's optimizer partitions (None: no partitions);
-    a missing partition file is an error naming it (a resume on another world size reads them all)."""
-    files = _partition_files(tag_dir)
-    if not files:
-        return None
-    model = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-    world = len(files)
-    if model:
-        try:
-            world = int(torch.load(model[0], map_location="cpu", weights_only=False, mmap=True).get("dp_world_size")
-                        or world)
-        except Exception:  # noqa: BLE001 - an unreadable model file is reported by the load itself
-            pass
-    missing = _missing_partitions(tag_dir, world)
-    if missing:
-        raise FileNotFoundError(f"{tag_dir}: written by {world} ranks, partition file(s) missing: {', '.join(missing)}")
-    return world
-
-
-def _missing_partitions(tag_dir: Path, world: int) -> list[str]:
-    """The names of the optimizer partition files of ``world`` ranks that ``tag_dir`` lacks."""
-    prefix = "bf16_" if any(tag_dir.glob("bf16_zero_pp_rank_*")) else ""
-    names = [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
-    return [name for name in names if not (tag_dir / name).is_file()]
-
-
-def _partition_files(tag_dir: Path) -> list[Path]:
-    files = list(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
-    return sorted(files, key=lambda f: int(f.name.split("zero_pp_rank_")[1].split("_")[0]))
-
-
-def _load_resharded(engine, ckpt_dir: Path, tag: str, saved: int, load_lr_scheduler_states: bool = True) -> dict:
-    """Load a checkpoint of ``saved`` ranks on another world size: DeepSpeed loads the model,
-    scheduler and counters (it refuses the optimizer state of another world size), then each rank
-    takes its new partition of every saved one (fp32 master weights, moments, step) through the
-    ZeRO optimizer's own loader. Returns the client state."""
-    import deepspeed.comm as dist
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    from .config import ConfigError
-
-    world = dist.get_world_size()
-    opt = engine.optimizer
-    if not isinstance(opt, DeepSpeedZeroOptimizer):
-        raise ConfigError(f"{ckpt_dir / tag} was written by {saved} ranks and this launch has {world}: only "
-                          f"ZeRO-1/2 optimizer state is re-partitioned here ({type(opt).__name__} is not); "
-                          f"launch {saved} ranks, or use ZeRO stage 1 or 2 in both runs")
-    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False,
-                                       load_lr_scheduler_states=load_lr_scheduler_states)
-    parts = [torch.load(f, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
-             for f in _partition_files(ckpt_dir / tag)]
-    why = _layout_differs(parts, opt)
-    if why:
-        raise ConfigError(f"{ckpt_dir / tag} (written by {saved} ranks) cannot be re-partitioned onto {world}: {why}")
-    sizes = [p.numel() for p in opt.single_partition_of_fp32_groups]
-    try:
-        mine = reshard_zero_state(parts, sizes, dist.get_rank(), world)
-        opt.load_state_dict([mine] * world, load_optimizer_states=True, load_from_fp32_weights=True)
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise ConfigError(f"{ckpt_dir / tag}: its optimizer state of {saved} ranks did not load onto {world} "
-                          f"({type(exc).__name__}: {str(exc)[:200]})") from None
-    return client
-
-
-def _layout_differs(parts: list[dict], opt) -> Optional[str]:
-    """Why the saved partitions do not cut into the live optimizer's, or None. Each parameter's
-    start in its group's flat vector is read from the partitions' slice mappings (rank k's
-    fragments start at k * partition size) and must be where the live optimizer puts it: this
-    refuses round_robin_gradients (its parameter order depends on the world size), DeepSpeed's
-    elastic format, and another model or grouping."""
-    if getattr(opt, "round_robin_gradients", False):
-        return "zero_optimization.round_robin_gradients orders parameters by rank; turn it off to resume here"
-    if any(not isinstance(p.get("base_optimizer_state"), dict) for p in parts):
-        return "it was saved with zero_optimization.elastic_checkpoint, a format not read here"
-    if any("param_slice_mappings" not in p for p in parts):
-        return "its partitions carry no parameter map (saved by an older DeepSpeed)"
-    for g, (params, offsets) in enumerate(zip(opt.round_robin_bit16_groups, opt.round_robin_bit16_offsets)):
-        live = {opt.param_names[p]: off for p, off in zip(params, offsets)}
-        pad = (parts[0].get("group_paddings") or [0] * (g + 1))[g]  # fp32 is saved without it
-        size = parts[0]["single_partition_of_fp32_groups"][g].numel() + pad
-        saved: dict[str, int] = {}
-        for k, p in enumerate(parts):
-            for name, frag in p["param_slice_mappings"][g].items():
-                saved[name] = min(saved.get(name, k * size + frag.start), k * size + frag.start)
-        if saved != live:
-            moved = sorted(set(saved.items()) ^ set(live.items()))[:3]
-            return f"parameter group {g} is laid out otherwise (e.g. {moved}): another model, grouping or ZeRO setting"
-    return None
-
-
-def reshard_zero_state(parts: list[dict], sizes: list[int], rank: int, world: int) -> dict:
-    """Rank ``rank``'s ZeRO-1/2 optimizer state in a world of ``world`` ranks, cut from the state
-    dicts ``parts`` that the ranks of another world saved (DeepSpeed's format, one per old rank).
-
-    ZeRO-1/2 lay each parameter group out as one flat vector, parameters end to end (with any
-    alignment padding ``zero_optimization.parameter_alignment`` asks for, which DeepSpeed checks
-    on loading), and give rank r the slice [r * size, (r + 1) * size); only the padding at the
-    end depends on the world size. So the old partitions end to end are the group, and the new
-    slice is cut from them: the fp32 master weights and every per-element optimizer state (LAMB's
-    moments, LARS's momentum) exactly; per-tensor entries (the step count) are copied.
-    """
-    first = parts[0]
-    groups = len(first["single_partition_of_fp32_groups"])
-    pads = [p.get("group_paddings") or [0] * groups for p in parts]
-    # DeepSpeed saves each rank's fp32 partition without its padding (the moments with it): the
-    # partition size is the saved fp32 length plus that rank's padding, the group's length the
-    # partitions' less every padding
-    n_old = [first["single_partition_of_fp32_groups"][g].numel() + pads[0][g] for g in range(groups)]
-    length = [n * len(parts) - sum(pad[g] for pad in pads) for g, n in enumerate(n_old)]
-
-    def cut(pieces: list[torch.Tensor], g: int) -> torch.Tensor:
-        n, size = n_old[g], sizes[g]
-        a, out = rank * size, torch.zeros(size, dtype=pieces[0].dtype)  # the new padding: zeros
-        for k, piece in enumerate(pieces):
-            lo, hi = max(a, k * n), min(a + size, k * n + piece.numel(), length[g])
-            if lo < hi:
-                out[lo - a:hi - a] = piece.reshape(-1)[lo - k * n:hi - k * n]
-        return out
-
-    base = first["base_optimizer_state"]
-    state = {}
-    for g, group in enumerate(base["param_groups"]):
-        for idx in group["params"]:
-            entry = {}
-            for key, value in base["state"].get(idx, {}).items():
-                if torch.is_tensor(value) and value.dim() == 1 and value.numel() == n_old[g]:
-                    entry[key] = cut([p["base_optimizer_state"]["state"][idx][key] for p in parts], g)
-                else:
-                    entry[key] = value
-            state[idx] = entry
-    fp32 = [cut([p["single_partition_of_fp32_groups"][g] for p in parts], g) for g in range(len(sizes))]
-    return dict(first, base_optimizer_state={"state": state, "param_groups": base["param_groups"]},
-                single_partition_of_fp32_groups=fp32, partition_count=[world] * len(sizes),
-                group_paddings=[min(size, max(0, (rank + 1) * size - n)) for size, n in zip(sizes, length)])
-
-
 def _unreadable(tag_dir: Path, rank: int, every_partition: bool = False) -> Optional[str]:
     """None when this rank's files of the checkpoint open (with ``every_partition``: all ranks'
     optimizer partitions, which a resume on another world size reads), else why not."""
-    partitions = _partition_files(tag_dir) if every_partition else sorted(tag_dir.glob(f"*zero_pp_rank_{rank}_*"))
-    mine = sorted(tag_dir.glob("mp_rank_*_model_states.pt")) + partitions
-    for f in mine:
+    partitions = partition_files(tag_dir, None if every_partition else rank)
+    for f in sorted(tag_dir.glob("mp_rank_*_model_states.pt")) + partitions:
         try:
             torch.load(f, map_location="cpu", weights_only=False, mmap=True)
         except Exception as exc:  # noqa: BLE001
@@ -416,7 +283,7 @@ def restore_phase1_optimizer(engine, ckpt_dir: Path, tag: str, mode: str) -> Non
         if saved is None or saved == dist.get_world_size():
             engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
         else:
-            _load_resharded(engine, ckpt_dir, tag, saved, load_lr_scheduler_states=False)
+            load_resharded(engine, ckpt_dir, tag, saved, load_lr_scheduler_states=False)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - DeepSpeed's ZeRORuntimeException is none of the usual kinds
@@ -458,7 +325,7 @@ def fp32_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     stage = int(((states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
     if stage >= 1:
         world = int(states.get("dp_world_size") or 1)
-        missing = _missing_partitions(tag_dir, world)
+        missing = missing_partitions(tag_dir, world)
         if missing:
             raise FileNotFoundError(f"{tag_dir}: ZeRO-{stage} checkpoint of {world} ranks, partition file(s) "
                                     f"missing: {', '.join(missing)}")

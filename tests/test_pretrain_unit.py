@@ -164,7 +164,7 @@ def test_zero_state_is_cut_into_the_partitions_of_another_world_size(old, new):
     the world size. DeepSpeed saves each rank's fp32 slice without its padding and the moments
     with it (NaN here: it must not be copied). The new world's slices, end to end, are the same
     vector, padded with zeros; the step count is copied; the other entries come from old rank 0."""
-    from pretrain.checkpoint import reshard_zero_state
+    from pretrain.zero_reshard import reshard_zero_state
 
     lengths = [1001, 7, 1]  # odd lengths: rank 0 of a 1-rank save holds padding too
     full = {k: [torch.randn(n, dtype=torch.float64) for n in lengths] for k in ("fp32", "exp_avg", "exp_avg_sq")}
@@ -208,7 +208,7 @@ def test_a_checkpoint_missing_a_partition_names_it(tmp_path):
     """The world size that wrote a checkpoint comes from its model file, not from counting the
     partition files: a lost one would otherwise pass for a smaller world (and a re-partitioned
     resume would fill its share with zeros)."""
-    from pretrain.checkpoint import saved_world
+    from pretrain.zero_reshard import saved_world
 
     tag = tmp_path / "step0000004"
     tag.mkdir()
