@@ -253,23 +253,7 @@ def _tokenize_unit_inner(job: _TokJob) -> dict:
     meta = {"unit": job.unit.label(), "format": job.unit.fmt, "documents": stats.documents - problems["empty_documents"],
             **counts, "problems": problems, "messages": stats.messages}
     out.commit(meta)
-    _maybe_crash()
     return meta
-
-
-def _maybe_crash() -> None:
-    """Test hook: DATA_PREP_CRASH_AFTER=N kills the build after a worker's N-th finished unit (as a
-    power cut would), or interrupts it (DATA_PREP_CRASH_SIGNAL=INT, as Ctrl-C would)."""
-    n = os.environ.get("DATA_PREP_CRASH_AFTER")
-    if n is not None:
-        _W["done"] = _W.get("done", 0) + 1
-        if _W["done"] == int(n):
-            if os.environ.get("DATA_PREP_CRASH_SIGNAL") == "INT":  # as Ctrl-C in the terminal would
-                os.kill(os.getppid(), signal.SIGINT)
-                time.sleep(15)  # hold still until the parent stops this worker, so the test is exact
-                return
-            os.kill(os.getppid(), signal.SIGKILL)
-            os._exit(137)
 
 
 # ----------------------------------------------------------------------------- pass 2: pair
@@ -392,7 +376,6 @@ def _pair_unit_inner(job: _PairJob) -> dict:
     # Unmap the units read for random segments: their touched pages would otherwise stay in this
     # worker's RSS and grow with the corpus (they remain in the page cache for the next job).
     load.cache_clear()
-    _maybe_crash()
     return counts
 
 

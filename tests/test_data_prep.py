@@ -22,6 +22,7 @@ from data_prep.readers import ReadStats, discover, iter_documents
 from data_prep.samples import truncate_pair
 
 REPO = Path(__file__).resolve().parents[1]
+FAULTS = Path(__file__).with_name("data_prep_faults.py")
 WORDS = ("river mountain village teacher garden window music silver forest harbor engine market "
          "library winter summer candle bridge castle doctor painter ocean valley planet letter story "
          "kingdom island station captain farmer lantern meadow thunder orchard").split()
@@ -98,9 +99,12 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def cli(*args, env=None, check=False) -> subprocess.CompletedProcess:
+def cli(*args, env=None, check=False, fault: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    """``python -m data_prep ARGS``; with ``fault=("kill" or "interrupt", N)`` its build is killed
+    or interrupted after a worker's N-th tokenized file (``tests/data_prep_faults.py``)."""
     e = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    r = subprocess.run([sys.executable, "-m", "data_prep", *map(str, args)], cwd=REPO, env=e,
+    prog = ["-m", "data_prep"] if fault is None else [str(FAULTS), fault[0], str(fault[1])]
+    r = subprocess.run([sys.executable, *prog, *map(str, args)], cwd=REPO, env=e,
                        capture_output=True, text=True, timeout=300, preexec_fn=_default_sigint)
     if check and r.returncode != 0:
         raise AssertionError(r.stderr)
@@ -308,18 +312,20 @@ def test_resume_after_kill_gives_identical_shards(tmp_path, corpus, vocab):
     args = ["build", "--input", corpus[0], "--vocab", vocab, "--seq-lens", "64", "--shards", "3", "--no-progress"]
     clean = cli(*args, "--workers", "2", "--output", tmp_path / "clean", check=True)
     assert clean.returncode == 0
-    # the hook SIGKILLs the build (parent and worker) after the worker's 2nd of 4 files
-    crashed = cli(*args, "--workers", "1", "--output", tmp_path / "crash", env={"DATA_PREP_CRASH_AFTER": "2"})
-    assert crashed.returncode != 0
+    # SIGKILL of the build (parent and worker) after the worker's 2nd of 4 files
+    crashed = cli(*args, "--workers", "1", "--output", tmp_path / "crash", fault=("kill", 2))
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr  # killed, not failed
     assert not (tmp_path / "crash" / "seq64" / "manifest.json").exists()
     assert not list((tmp_path / "crash").rglob("shard_*.bin")), "a killed run left shard files"
     finished = list((tmp_path / "crash" / ".work" / "tok").glob("*/meta.json"))
     assert 1 <= len(finished) < 4, "the crash should come after some, not all, files"
+    kept = {f: f.stat().st_mtime_ns for f in finished}
     # a build killed while writing shards leaves a temporary beside them: the rerun removes it
     (tmp_path / "crash" / "seq64").mkdir(exist_ok=True)
     atomic.temp_path(tmp_path / "crash" / "seq64" / "shard_00000.bin").write_bytes(b"half a shard")
-    resumed = cli(*args, "--workers", "2", "--output", tmp_path / "crash", check=True)
+    resumed = cli(*args, "--workers", "2", "--output", tmp_path / "crash", "--keep-work", check=True)
     assert resumed.returncode == 0
+    assert {f: f.stat().st_mtime_ns for f in finished} == kept, "the resume tokenized finished files again"
     listing = lambda d: sorted(p.name for p in d.iterdir())  # noqa: E731
     assert listing(tmp_path / "crash" / "seq64") == listing(tmp_path / "clean" / "seq64")
     m1 = json.loads((tmp_path / "clean" / "seq64" / "manifest.json").read_text())
@@ -334,7 +340,7 @@ def test_resume_after_kill_gives_identical_shards(tmp_path, corpus, vocab):
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, corpus, vocab):
     args = ["build", "--input", corpus[0], "--vocab", vocab, "--seq-lens", "64", "--shards", "3", "--no-progress",
             "--workers", "1", "--output", tmp_path / "o"]
-    r = cli(*args, env={"DATA_PREP_CRASH_AFTER": "1", "DATA_PREP_CRASH_SIGNAL": "INT"})
+    r = cli(*args, fault=("interrupt", 1))  # SIGINT to the build after the worker's 1st file
     assert r.returncode == 130 and "interrupted" in r.stderr and "Traceback" not in r.stderr
     assert not list((tmp_path / "o").rglob("shard_*")) and not (tmp_path / "o" / "seq64" / "manifest.json").exists()
     assert len(list((tmp_path / "o" / ".work" / "tok").glob("*/meta.json"))) == 1
