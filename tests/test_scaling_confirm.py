@@ -1,4 +1,4 @@
-"""pretrain.scaling --confirm and pretrain.confirm: fresh seeds at a study's best lrs, and steps to a
+"""python -m scaling confirm: fresh seeds at a study's best lrs, and steps to a
 training-loss target read from the training records (no training launched: run.py's records are
 covered by test_pretrain_e2e)."""
 from __future__ import annotations
@@ -9,7 +9,9 @@ import random
 
 import pytest
 
-from pretrain import confirm, scaling
+from optim.schedules import scale_lr
+from scaling import confirm, grid, targets
+from scaling.__main__ import main
 
 
 def write_records(run_dir, records):
@@ -21,29 +23,29 @@ def test_training_records_stand_at_the_middle_of_their_interval(tmp_path):
     write_records(tmp_path, [{"step": 10, "loss": 9.0, "mlm_loss": 8.0}, {"step": 10, "eval_mlm_loss": 7.0},
                              {"step": 30, "loss": 7.0, "mlm_loss": 6.0}, {"step": 40, "loss": 6.0},
                              {"step": 50, "loss": 5.0, "mlm_loss": 4.5, "epoch": 1}])
-    curve = confirm.train_curve(tmp_path, batch=8)
+    curve = targets.train_curve(tmp_path, batch=8)
     # the record at step 30 averages the losses of steps 11..30, taken after 10..29 updates: it
     # stands at 19.5 batches (156 samples) and covers 20 (160 samples); the second epoch's record
     # (samples seen before) is left out, as is the record without an MLM loss
     assert curve == [{"step": 10, "samples": 36, "width": 80, "mlm_loss": 8.0},
                      {"step": 30, "samples": 156, "width": 160, "mlm_loss": 6.0}]
-    assert confirm.train_curve(tmp_path / "nothing", 8) == []
+    assert targets.train_curve(tmp_path / "nothing", 8) == []
 
 
 def test_crossing_is_interpolated_and_smoothing_weighs_by_samples():
     curve = [{"samples": s, "width": w, "mlm_loss": y} for s, w, y in
              ((50, 100, 7.0), (150, 100, 6.0), (300, 200, 5.0), (500, 200, 4.0))]
     # no neighbours within the window: 5.5 halfway between 150 and 300 samples
-    assert confirm.samples_to_target(curve, 5.5, window=10) == pytest.approx(225)
-    assert confirm.samples_to_target(curve, 3.0, window=10) is None
-    assert confirm.samples_to_target(curve, 7.5, window=10) == 50  # the first record already below
+    assert targets.samples_to_target(curve, 5.5, window=10) == pytest.approx(225)
+    assert targets.samples_to_target(curve, 3.0, window=10) is None
+    assert targets.samples_to_target(curve, 7.5, window=10) == 50  # the first record already below
     # window 300: each record weighs by the samples its interval shares with the window. Records
     # cover [0,100], [100,200], [200,400], [400,600]. Around 50 ([-100,200]): 100 of the first two
     # -> 6.5; around 150 ([0,300]): 100 of each of the first three -> 6.0; around 300 ([150,450]):
     # 50, 200, 50 -> (300 + 1000 + 200) / 300 = 5.0; around 500 ([350,650]): 50, 200 -> 4.2
-    ys = confirm.smoothed(curve, window=300)
+    ys = targets.smoothed(curve, window=300)
     assert ys == pytest.approx([6.5, 6.0, 5.0, 4.2])
-    assert confirm.samples_to_target(curve, 5.5, window=300) == pytest.approx(225)
+    assert targets.samples_to_target(curve, 5.5, window=300) == pytest.approx(225)
 
 
 def test_smoothing_reads_a_noisy_curve_near_its_true_crossing():
@@ -57,8 +59,8 @@ def test_smoothing_reads_a_noisy_curve_near_its_true_crossing():
     for _ in range(20):
         curve = [{"samples": s, "width": 1600, "mlm_loss": 6 + 3 * math.exp(-s / 20000) + rng.gauss(0, 0.05)}
                  for s in range(800, 200000, 1600)]
-        raw_errors.append(abs(confirm.samples_to_target(curve, 6.3, window=1) - truth) / truth)
-        smooth_errors.append(abs(confirm.samples_to_target(curve, 6.3, window=8192) - truth) / truth)
+        raw_errors.append(abs(targets.samples_to_target(curve, 6.3, window=1) - truth) / truth)
+        smooth_errors.append(abs(targets.samples_to_target(curve, 6.3, window=8192) - truth) / truth)
     assert max(smooth_errors) < 0.10 and sum(smooth_errors) / 20 < 0.03
     assert sum(smooth_errors) < 0.6 * sum(raw_errors)
 
@@ -80,7 +82,7 @@ def test_critical_batch_fit_recovers_the_model_and_refuses_what_does_not_scale()
 
 
 def grid_result(opt, batch, mult, final, seed=0, lr_base=None):
-    lr = scaling.scale_lr(lr_base or {"lamb": 5e-3, "adamw": 1.5e-3}[opt], 64, batch, "sqrt") * mult
+    lr = scale_lr(lr_base or {"lamb": 5e-3, "adamw": 1.5e-3}[opt], 64, batch, "sqrt") * mult
     name = f"{opt}_b{batch}_lrx{mult:g}" + (f"_s{seed}" if seed else "")
     return {"optimizer": opt, "batch": batch, "lr": lr, "lr_multiplier": mult, "steps": 4096 // batch,
             "micro_batch": 64, "seed_offset": seed, "name": name, "exit_code": 0, "wall_s": 1.0,
@@ -89,12 +91,12 @@ def grid_result(opt, batch, mult, final, seed=0, lr_base=None):
                        "eval_nsp_acc": 0.5}]}
 
 
-def write_grid(grid):
-    grid.mkdir()
+def write_grid(grid_dir):
+    grid_dir.mkdir()
     results = [grid_result("lamb", 64, 1, 6.2), grid_result("lamb", 64, 3, 6.0), grid_result("lamb", 64, 3, 5.9, seed=1),
                grid_result("lamb", 256, 1, 6.3), grid_result("lamb", 256, 3, 6.4),
                grid_result("adamw", 256, 0.333333, 6.5), grid_result("adamw", 256, 1, 6.6)]
-    (grid / "results.json").write_text(json.dumps(results))
+    (grid_dir / "results.json").write_text(json.dumps(results))
 
 
 ARGS = ["--config", "c.json", "--data", "d", "--batch-sizes", "64,256", "--optimizers", "lamb,adamw",
@@ -111,7 +113,7 @@ def test_confirm_runs_each_best_lr_with_fresh_seeds_and_summarises_them(tmp_path
         seed = int(cmd[cmd.index("--seed") + 1])
         batch = int(cmd[cmd.index("--train-batch-size") + 1])
         launched.append((run_dir.name, seed, cmd[cmd.index("--max-steps") + 1]))
-        assert f"pretrain.log_every={scaling.log_every(4096 // batch)}" in cmd
+        assert f"pretrain.log_every={grid.log_every(4096 // batch)}" in cmd
         # a loss that falls with samples; the second seed a little slower
         recs = []
         for step in range(1, 4096 // batch + 1):
@@ -126,8 +128,8 @@ def test_confirm_runs_each_best_lr_with_fresh_seeds_and_summarises_them(tmp_path
             returncode = 0
         return P()
 
-    monkeypatch.setattr(scaling, "run_process", fake_run)
-    rc = scaling.main(ARGS + ["--output", str(out), "--confirm", str(tmp_path / "grid"), "--seeds", "1,2",
+    monkeypatch.setattr(grid, "run_process", fake_run)
+    rc = main(["confirm"] + ARGS + ["--output", str(out), "--grid", str(tmp_path / "grid"), "--seeds", "1,2",
                               "--train-target", "6.0", "--train-window", "1", "--seed", "42"])
     assert rc == 0, capsys.readouterr().err
     # best by final loss on the study's seed: lamb x3 at 64 (the seed-1 repeat is no candidate),
@@ -167,12 +169,12 @@ def test_confirm_runs_each_best_lr_with_fresh_seeds_and_summarises_them(tmp_path
     assert "| 256 | lamb | 0.01 (×1) | **5.935** (5.930, 5.940) | –, – | **7** (7, 8) → 20 (" in table
     assert (out / "seeds.png").stat().st_size > 0
     # rerun: nothing trains again, same summary
-    monkeypatch.setattr(scaling, "run_process", lambda *a, **k: pytest.fail("re-ran a finished run"))
-    assert scaling.main(ARGS + ["--output", str(out), "--confirm", str(tmp_path / "grid"), "--seeds", "1,2",
+    monkeypatch.setattr(grid, "run_process", lambda *a, **k: pytest.fail("re-ran a finished run"))
+    assert main(["confirm"] + ARGS + ["--output", str(out), "--grid", str(tmp_path / "grid"), "--seeds", "1,2",
                                 "--train-target", "6.0", "--train-window", "1", "--summarize"]) == 0
     assert json.loads((out / "seeds.json").read_text())["rows"] == seeds["rows"]
     # another target and window: read again from the records, nothing of the first kept
-    assert scaling.main(ARGS + ["--output", str(out), "--confirm", str(tmp_path / "grid"), "--seeds", "1,2",
+    assert main(["confirm"] + ARGS + ["--output", str(out), "--grid", str(tmp_path / "grid"), "--seeds", "1,2",
                                 "--train-target", "6.5", "--train-window", "640", "--summarize"]) == 0
     again = {(r["optimizer"], r["batch"]): r for r in json.loads((out / "seeds.json").read_text())["rows"]}
     assert set(again[("lamb", 64)]["train_steps_to_target"]) == {"6.5"}
@@ -203,22 +205,22 @@ def test_a_diverged_seed_and_one_that_missed_the_target_stay_out_of_the_fit(tmp_
 
 
 def test_confirm_refuses_a_missing_study_and_other_lr_settings_in_one_line(tmp_path, capsys):
-    rc = scaling.main(ARGS + ["--output", str(tmp_path / "c"), "--confirm", str(tmp_path / "nope")])
+    rc = main(["confirm"] + ARGS + ["--output", str(tmp_path / "c"), "--grid", str(tmp_path / "nope")])
     err = capsys.readouterr().err
     assert rc == 2 and "nope/results.json not found" in err and "Traceback" not in err
     write_grid(tmp_path / "grid")
-    rc = scaling.main([a if a != "lamb=5e-3,adamw=1.5e-3" else "lamb=6e-3,adamw=1.5e-3" for a in ARGS]
-                      + ["--output", str(tmp_path / "c"), "--confirm", str(tmp_path / "grid")])
+    rc = main(["confirm"] + [a if a != "lamb=5e-3,adamw=1.5e-3" else "lamb=6e-3,adamw=1.5e-3" for a in ARGS]
+                      + ["--output", str(tmp_path / "c"), "--grid", str(tmp_path / "grid")])
     err = capsys.readouterr().err
     assert rc == 2 and "pass the study's --lr" in err and "lamb_b64_lrx3" in err
     assert not (tmp_path / "c").exists()  # refused before any output
     with pytest.raises(SystemExit) as exc:
-        scaling.main(ARGS + ["--output", str(tmp_path / "c"), "--confirm", str(tmp_path / "grid"), "--seeds", "0,1"])
+        main(["confirm"] + ARGS + ["--output", str(tmp_path / "c"), "--grid", str(tmp_path / "grid"), "--seeds", "0,1"])
     assert exc.value.code == 2 and "0 is the study's own seed" in capsys.readouterr().err
 
 
 def test_confirm_under_another_schedule_says_so_and_trains_with_it(tmp_path, monkeypatch):
-    """--confirm with --power 0: the study's best lrs rerun at a constant rate after warmup; the
+    """confirm with --power 0: the study's best lrs rerun at a constant rate after warmup; the
     tables name that schedule and warn that the pick (which decayed) compares schedules, not seeds."""
     write_grid(tmp_path / "grid")
     (tmp_path / "grid" / "lamb_b64_lrx3").mkdir()
@@ -235,9 +237,9 @@ def test_confirm_under_another_schedule_says_so_and_trains_with_it(tmp_path, mon
             returncode = 0
         return P()
 
-    monkeypatch.setattr(scaling, "run_process", fake_run)
+    monkeypatch.setattr(grid, "run_process", fake_run)
     out = tmp_path / "constant"
-    assert scaling.main(ARGS + ["--output", str(out), "--confirm", str(tmp_path / "grid"), "--seeds", "1",
+    assert main(["confirm"] + ARGS + ["--output", str(out), "--grid", str(tmp_path / "grid"), "--seeds", "1",
                                 "--power", "0", "--warmup", "0.2"]) == 0
     assert len(schedules) == 3 and all(s["params"] == {"warmup_proportion": 0.2, "power": 0.0} for s in schedules)
     first = (out / "seeds.md").read_text().splitlines()[0]

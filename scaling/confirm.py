@@ -1,21 +1,24 @@
-"""Fresh seeds at a study's best learning rates: final losses and steps to a target with their spread.
+"""Fresh seeds at a grid's best learning rates: final losses and steps to a target with their spread.
 
-``python -m pretrain.scaling --confirm GRID_DIR --seeds 1,2 --output CONFIRM_DIR ...`` reruns, for
-each optimizer and batch, the learning rate that the study (GRID_DIR) found best on its own seed.
-That pick rode on the seed's noise, so the picked run flatters its lr; fresh seeds measure it
-without the pick, and their spread is the noise any comparison between batches or optimizers has
-to beat. This module reads them back:
+    python -m scaling confirm --grid runs/scaling --output runs/scaling_confirm --seeds 1,2 \\
+        --config ds_configs/cpu_seq128.json --data data/seq128 --batch-sizes 128,512,2048 \\
+        --optimizers lamb,lars,adamw --samples 262144 --base-batch 128 \\
+        --lr lamb=6e-3,adamw=1e-3,lars=1.0 --lr-rule sqrt [--train-target 6.5,6.3] [--power 0]
 
-- steps to a **training MLM loss** target (``--train-target``), timed from the training records:
-  every training sample is fresh while a run stays within its first epoch, so the training MLM
-  loss of an interval estimates the loss on unseen text (with dropout on: it sits above the
-  held-out loss by a gap of its own). A record is the mean over the steps since the previous
-  one; it stands at the middle of its interval, and is averaged with its neighbours over a window
-  of ``--train-window`` samples (the same at every batch) before the first crossing is read;
-- steps to the held-out target, as the study reads them (between its evaluations);
-- per optimizer and batch: each seed's figures, their mean and range, and the study's own seed
+reruns, for each optimizer and batch, the learning rate that the grid (``--grid``, the output of
+``python -m scaling grid``) found best on its own seed; the grid's ``--lr``, ``--base-batch``,
+``--lr-rule`` and ``--samples`` are passed again (checked against its runs), another ``--power``
+reruns them under that schedule. That pick rode on the seed's noise, so the picked run flatters its
+lr; fresh seeds measure it without the pick, and their spread is the noise any comparison between
+batches or optimizers has to beat. Runs go largest batch first; as in the grid, a finished run is
+not run again and ``--summarize`` trains nothing. Outputs, in ``--output``:
+
+- steps to a **training MLM loss** target (``--train-target``), read from the training records
+  (``scaling/targets.py``: fresh samples within the first epoch, smoothed over ``--train-window``);
+- steps to the held-out target, as the grid reads them (between its evaluations);
+- per optimizer and batch: each seed's figures, their mean and range, and the grid's own seed
   (0) beside them, in ``seeds.md`` and ``seeds.json``; ``seeds.png`` draws the fresh seeds;
-- per optimizer, the noise-scale prediction (``pretrain/predict.py``) of the steps to the training
+- per optimizer, the noise-scale prediction (``scaling/predict.py``) of the steps to the training
   target at every batch, from each fresh seed at its smallest batch: its noise-scale course and its
   steps to the target as read above;
 - per optimizer and training target, McCandlish et al.'s S(B) = S_min·(1 + B_crit/B) fitted to
@@ -24,80 +27,16 @@ to beat. This module reads them back:
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Optional
 
-from data_prep.atomic import save_figure, write_json, write_text
-from pretrain.metrics import read_records
-
-
-def train_curve(run_dir: Path, batch: int) -> list[dict]:
-    """The run's training MLM loss records of its first epoch: [{"step", "samples", "width" (the
-    samples it averages), "mlm_loss"}]; empty when the run did not log it. A record at step s
-    averages the losses of steps prev+1..s, and step k's loss is that of the weights after k-1
-    updates (k-1 batches trained on, as a held-out evaluation at step k-1 counts them): it stands
-    at (prev + s - 1)/2 batches. After the first epoch the samples are no longer fresh: left out."""
-    out: list[dict] = []
-    prev = 0
-    for rec in read_records(run_dir):
-        if rec.get("mlm_loss") is None or "step" not in rec:
-            continue
-        if rec.get("epoch", 0) > 0:
-            break
-        step = rec["step"]
-        if step > prev and math.isfinite(rec["mlm_loss"]):
-            out.append({"step": step, "samples": (prev + step - 1) / 2 * batch, "width": (step - prev) * batch,
-                        "mlm_loss": rec["mlm_loss"]})
-        prev = max(prev, step)
-    return out
-
-
-def smoothed(curve: list[dict], window: float) -> list[float]:
-    """Each record's loss averaged over ``window`` samples centred on it: every record weighs by the
-    samples its interval shares with the window (the same span at every batch and log interval;
-    one-sided at the ends of the run)."""
-    out = []
-    for c in curve:
-        lo, hi = c["samples"] - window / 2, c["samples"] + window / 2
-        total = weight = 0.0
-        for d in curve:
-            w = min(hi, d["samples"] + d["width"] / 2) - max(lo, d["samples"] - d["width"] / 2)
-            if w > 0:
-                total, weight = total + w * d["mlm_loss"], weight + w
-        out.append(total / weight if weight > 0 else c["mlm_loss"])
-    return out
-
-
-def samples_to_target(curve: list[dict], target: float, window: float) -> Optional[float]:
-    """Samples at which the smoothed training MLM loss first reaches ``target``, interpolated
-    linearly between the records on either side; None if it never does."""
-    ys = smoothed(curve, window)
-    for i, y in enumerate(ys):
-        if y <= target:
-            if i == 0:
-                return curve[0]["samples"]
-            x0, x1, y0 = curve[i - 1]["samples"], curve[i]["samples"], ys[i - 1]
-            return x0 + (y0 - target) / (y0 - y) * (x1 - x0)
-    return None
-
-
-def key(target: float) -> str:
-    """A training target as a JSON key."""
-    return f"{target:g}"
-
-
-def with_train_target(result: dict, run_dir: Path, targets: Optional[list[float]], window: float) -> dict:
-    """Adds ``train_steps_to_target`` to a scaling result: {target: steps (None: not reached or not
-    logged)} for each training MLM loss target."""
-    curve = train_curve(run_dir, result["batch"]) if targets else []
-    steps = {}
-    for t in targets or []:
-        samples = samples_to_target(curve, t, window)
-        steps[key(t)] = None if samples is None else samples / result["batch"]
-    result["train_steps_to_target"] = steps
-    return result
+from data_prep.atomic import write_json, write_text
+from scaling import grid, predict
+from scaling.targets import key, with_target
 
 
 def _stats(values: list[Optional[float]]) -> dict:
@@ -133,8 +72,6 @@ def predictions(results: list[dict], out: Path, target: float) -> dict[str, dict
     """Per optimizer: the steps to the training MLM loss ``target`` predicted at every batch of
     ``results`` from each seed at the optimizer's smallest batch that reached it; per batch the
     mean over those seeds and the band (lowest low-noise to highest high-noise estimate)."""
-    from pretrain import predict as pred
-
     batches = sorted({r["batch"] for r in results})
     found: dict[str, dict] = {}
     for opt in sorted({r["optimizer"] for r in results}):
@@ -144,7 +81,7 @@ def predictions(results: list[dict], out: Path, target: float) -> dict[str, dict
             steps = (r.get("train_steps_to_target") or {}).get(key(target))
             if r["optimizer"] == opt and r["batch"] == small and steps is not None:
                 try:
-                    made.append(pred.predict(out / r["name"], batches, target, "mlm_loss", run_steps=steps))
+                    made.append(predict.predict(out / r["name"], batches, target, "mlm_loss", run_steps=steps))
                 except (FileNotFoundError, ValueError):
                     continue  # no noise-scale log: nothing to predict from
         if made:
@@ -296,6 +233,7 @@ def schedule_note(warmup: float, power: float, study_power: Optional[float]) -> 
 
 def write_confirm_outputs(results: list[dict], source: list[dict], out: Path, target: float,
                           targets: Optional[list[float]], window: float, schedule: str = "") -> list[dict]:
+    """seeds.json, seeds.md and seeds.png from the confirmation runs and the grid's (``source``)."""
     targets = targets or []
     rows = seed_summary(results, source, targets)
     predicted = {key(t): predictions(results, out, t) for t in targets}
@@ -307,78 +245,80 @@ def write_confirm_outputs(results: list[dict], source: list[dict], out: Path, ta
                + seeds_table(rows, target, targets, window, predicted)
                + ("\n" + critical_table(crit) if targets else ""))
     try:
-        plot_confirm(results, rows, out, targets, window, predicted)
+        from scaling.plots import plot_confirm  # here, not at the top: matplotlib is optional
     except ImportError:
-        pass  # scaling.write_outputs has said that matplotlib is missing
+        pass  # grid.write_outputs has said that matplotlib is missing
+    else:
+        plot_confirm(results, rows, out, targets, window, predicted)
     return rows
 
 
-def plot_confirm(results: list[dict], rows: list[dict], out: Path, targets: list[float], window: float,
-                 predicted: dict) -> None:
-    """Left: every run's smoothed training MLM loss; then per training target (the held-out target
-    when none is given) the steps each seed took against the batch, their mean, the ideal linear
-    line from the smallest batch's mean, and the prediction with its band."""
-    import matplotlib
+def confirm_specs(args: argparse.Namespace) -> list[grid.RunSpec]:
+    """The best lr of each (optimizer, batch) of a finished lr search (lowest final held-out loss
+    with the grid's seed), run again with ``--seeds``: its lr was picked on that seed's noise, fresh
+    seeds measure it without the pick's optimism. Largest batch first, seeds in the given order,
+    optimizers side by side. ValueError when the grid has no results or ran other settings."""
+    src = args.grid / "results.json"
+    if not src.is_file():
+        raise ValueError(f"--grid: {src} not found (the output of `python -m scaling grid`)")
+    runs = json.loads(src.read_text())
+    specs = []
+    for (opt, batch), r in grid.best_per_batch(runs).items():
+        if opt not in args.optimizers or batch not in args.batch_sizes:
+            continue
+        for seed in args.seeds:
+            spec = grid.make_spec(args, opt, batch, r["lr_multiplier"], seed_offset=seed)
+            if not math.isclose(spec.lr, r["lr"], rel_tol=1e-9) or spec.steps != r["steps"]:
+                raise ValueError(f"--grid: {r['name']} in {args.grid} ran lr {r['lr']:.6g} for {r['steps']} "
+                                 f"steps, this command gives lr {spec.lr:.6g} for {spec.steps}: pass the study's "
+                                 "--lr, --base-batch, --lr-rule and --samples")
+            specs.append(spec)
+    if not specs:
+        raise ValueError(f"--grid: {args.grid} has no finished run of {','.join(args.optimizers)} at batch "
+                         f"{','.join(map(str, args.batch_sizes))}")
+    return sorted(specs, key=lambda s: (-s.batch, args.seeds.index(s.seed_offset), args.optimizers.index(s.optimizer)))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    opts = sorted({r["optimizer"] for r in rows})
-    colour = {o: f"C{i}" for i, o in enumerate(opts)}
-    panels = [("train", t) for t in targets] or [("held-out", None)]
-    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5.2 * (1 + len(panels)), 4), squeeze=False)
-    a1 = axes[0][0]
-    batches = sorted({r["batch"] for r in rows})
-    shade = {b: 0.35 + 0.65 * i / max(1, len(batches) - 1) for i, b in enumerate(batches)}
-    drawn = False
-    for r in results:  # training MLM curves, smoothed as they are read
-        curve = train_curve(out / r["name"], r["batch"])
-        if curve:
-            drawn = True
-            a1.plot([c["samples"] for c in curve], smoothed(curve, window), lw=0.9, color=colour[r["optimizer"]],
-                    alpha=shade[r["batch"]])
-    for o in opts:
-        a1.plot([], [], color=colour[o], label=f"{o} (darker: larger batch)")
-    for t in targets:
-        a1.axhline(t, color="grey", ls=":", lw=1)
-    a1.set(xscale="log" if drawn else "linear", xlabel="samples", ylabel=f"training MLM loss (smoothed over {window:,.0f} samples)",
-           title="every run")
-    a1.legend(fontsize=7)
-    ran = {(r["optimizer"], r["batch"]): r.get("steps") for r in results}
-    for ax, (kind, t) in zip(axes[0][1:], panels):
-        def stats(r):
-            return r["train_steps_to_target"][key(t)] if kind == "train" else r["steps_to_target"]
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """``python -m scaling confirm``: the grid to confirm, the seeds, and the grid's run flags."""
+    ap.add_argument("--grid", type=Path, required=True, metavar="GRID_DIR",
+                    help="a finished grid's --output: its best lr per optimizer and batch is rerun (pass the "
+                         "grid's --lr, --base-batch, --lr-rule, --samples; another --power reruns them under "
+                         "that schedule)")
+    ap.add_argument("--seeds", type=grid.comma_list(int), default=[1, 2],
+                    help="seed offsets to run, distinct and above 0 (0 is the grid's own seed)")
+    grid.add_run_arguments(ap)
 
-        for o in opts:
-            pts = [(r["batch"], v) for r in rows if r["optimizer"] == o for v in stats(r)["values"] if v is not None]
-            # the mean where every seed got there (as the fit); where one did not, the steps it ran: a lower bound
-            means = [(r["batch"], math.nan if stats(r)["missing"] else stats(r)["mean"]) for r in rows
-                     if r["optimizer"] == o]  # NaN: the line breaks there
-            short = [(r["batch"], ran.get((o, r["batch"]))) for r in rows if r["optimizer"] == o and stats(r)["missing"]
-                     and ran.get((o, r["batch"]))]
-            if pts:
-                ax.scatter([b for b, _ in pts], [v for _, v in pts], s=14, color=colour[o], alpha=0.6)
-            if any(v == v for _, v in means):
-                ax.plot([b for b, _ in means], [v for _, v in means], marker="o", color=colour[o], label=f"{o} (mean)")
-            if short:
-                ax.scatter([b for b, _ in short], [v for _, v in short], marker="^", s=40, facecolors="none",
-                           edgecolors=colour[o], label=f"{o}: a seed not there in the steps it ran")
-        for o, p in (predicted.get(key(t), {}) if kind == "train" else {}).items():
-            ax.plot([b["batch"] for b in p["batches"]], [b["steps"] for b in p["batches"]], ls=":", color=colour[o],
-                    label=f"{o}: predicted from batch {p['batch']}")
-            ax.fill_between([b["batch"] for b in p["batches"]], [b["low"] for b in p["batches"]],
-                            [b["high"] for b in p["batches"]], color=colour[o], alpha=0.1, lw=0)
-        for o in opts:  # ideal linear scaling from each optimizer's smallest batch
-            firsts = [(r["batch"], stats(r)["mean"]) for r in rows if r["optimizer"] == o and stats(r)["mean"] is not None]
-            if firsts:
-                b0, s0 = min(firsts)
-                ax.plot(batches, [s0 * b0 / b for b in batches], "--", color=colour[o], lw=0.8,
-                        label=f"{o}: linear scaling from batch {b0}")
-        what = f"training MLM loss {t:g}" if kind == "train" else "the held-out target"
-        ax.set(xscale="log", yscale="log", xlabel="global batch", ylabel=f"steps to {what}",
-               title=f"steps to {what}")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, out / "seeds.png", dpi=120)
-    plt.close(fig)
+
+def check(args: argparse.Namespace) -> None:
+    """Flags that do not fit together: ValueError, which the command line shows as a usage error."""
+    grid.check(args)
+    if args.grid.resolve() == args.output.resolve():
+        raise ValueError("--grid GRID_DIR needs another --output")
+    if 0 in args.seeds or len(set(args.seeds)) < len(args.seeds) or min(args.seeds) < 0:
+        raise ValueError("--seeds: distinct seed offsets above 0 (0 is the study's own seed, already run)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The confirmation runs, then their outputs beside the grid's (results.csv, summary.json)."""
+    try:
+        specs = confirm_specs(args)
+    except ValueError as exc:
+        print(f"scaling confirm: {exc}", file=sys.stderr)
+        return 2
+    unigram = grid.start(args, len(specs))
+    # the grid's own runs, timed to this command's target: the pick (seed 0) beside the fresh seeds
+    source = [with_target(r, args.target_loss) for r in json.loads((args.grid / "results.json").read_text())]
+    study_power = next((p for p in (scheduler_power(args.grid / r["name"]) for r in source) if p is not None), None)
+    schedule = schedule_note(args.warmup, args.power, study_power)
+
+    def outputs(rs: list[dict]) -> None:
+        grid.write_outputs(rs, args.output, args.target_loss, unigram, study=False)
+        write_confirm_outputs(rs, source, args.output, args.target_loss, args.train_target, args.train_window,
+                              schedule)
+
+    results: dict[int, dict] = {}
+    missing = grid.run_specs(args, specs, range(len(specs)), results, outputs)
+    if missing:
+        print(f"scaling: {len(missing)} planned runs not finished: {', '.join(missing)}")
+    return grid.finish(args, results, outputs)

@@ -1,6 +1,6 @@
-"""Scaling study: the same number of samples at several batch sizes and optimizers.
+"""The grid: the same number of samples at several batch sizes and optimizers.
 
-    python -m pretrain.scaling --config ds_configs/cpu_seq128.json --data data/seq128 \\
+    python -m scaling grid --config ds_configs/cpu_seq128.json --data data/seq128 \\
         --output runs/scaling --batch-sizes 128,512,2048 --optimizers lamb,lars,adamw \\
         --samples 262144 --base-batch 128 --lr lamb=6e-3,adamw=1e-3,lars=1.0 --lr-rule sqrt \\
         [--lr-multipliers 0.5,1,2] [--warmup 0.1] [--np 2] [--parallel 1] [--target-loss 4.5]
@@ -15,9 +15,9 @@ rate at the smallest and the largest batch.
 Held-out MLM loss is recorded at ``--eval-points`` points of each run, against steps and samples.
 Results: ``OUTPUT/results.csv`` (every evaluation), ``OUTPUT/summary.json`` (per run: final
 held-out loss, steps and samples to ``--target-loss``, wall time), plots ``loss_vs_samples.png``
-and ``scaling.png``, and a table on stdout. A finished run (its ``result.json`` exists) is not run
-again: rerun the same command after an interruption, or in the background with ``nohup``; rerun
-with another ``--target-loss`` to recompute the summary without training.
+and ``scaling.png`` (with matplotlib), and a table on stdout. A finished run (its ``result.json``
+exists) is not run again: rerun the same command after an interruption, or in the background with
+``nohup``; rerun with another ``--target-loss`` to recompute the summary without training.
 
 Runs go in an order that leaves the most telling ones done first if the grid is stopped early
 (see ``run_priority``); ``--summarize`` writes the outputs from the finished runs alone.
@@ -25,14 +25,9 @@ Runs go in an order that leaves the most telling ones done first if the grid is 
 small models on few cores train more samples per second as several single-thread processes
 (measured on 2 cores, bert-tiny at seq 64: 2 x 255 samples/s against 400 for one process).
 
-``--confirm GRID_DIR --seeds 1,2`` runs, in ``--output``, the best lr of each optimizer and batch
-of a finished study again with fresh seeds, and summarises them with steps to training-loss
-targets (``--train-target``) and the critical batch they imply (``pretrain/confirm.py``).
-
-``--predict RUN_DIR`` trains nothing: from one run's gradient noise scale it predicts steps and
-samples to the loss that run reached at other batch sizes (``pretrain/predict.py``); with
-``--output GRID_DIR`` of a study it predicts the steps to the study's target and draws them on
-the study's ``scaling.png`` beside the measured points.
+Then ``python -m scaling confirm --grid OUTPUT ...`` reruns the best lrs with fresh seeds
+(``scaling/confirm.py``), and ``python -m scaling predict RUN_DIR --output OUTPUT`` draws a
+run's noise-scale prediction on ``scaling.png`` beside the measured points (``scaling/predict.py``).
 """
 from __future__ import annotations
 
@@ -49,16 +44,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
-from data_prep.atomic import atomic_path, save_figure, write_json, write_text
+from data_prep.atomic import atomic_path, write_json, write_text
 from optim.schedules import scale_lr
 from pretrain.checkpoint import checkpoint_dirs
-from pretrain.confirm import scheduler_power, schedule_note, with_train_target, write_confirm_outputs
 from pretrain.metrics import read_records
+from scaling.targets import TRAIN_WINDOW, with_target, with_train_target
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_WINDOW = 8192  # samples the training MLM loss is smoothed over before steps to --train-target are read
 
 OPTIMIZERS = {
     # name -> optimizer block (lr filled in); LAMB as NVIDIA's recipe, LARS on momentum SGD.
@@ -110,7 +104,7 @@ def plan(args) -> list[RunSpec]:
             for mult in mults:
                 steps = args.samples // batch
                 if steps < 1:
-                    raise SystemExit(f"--samples {args.samples} is less than one step at batch {batch}")
+                    raise ValueError(f"--samples {args.samples} is less than one step at batch {batch}")
                 specs.append(make_spec(args, opt, batch, mult))
     return specs
 
@@ -204,31 +198,6 @@ def log_every(steps: int) -> int:
     return max(1, min(50, steps // 50))
 
 
-def confirm_specs(args) -> list[RunSpec]:
-    """``--confirm GRID``: the best lr of each (optimizer, batch) of a finished lr search (lowest
-    final held-out loss with the study's seed), run again with ``--seeds``: its lr was picked on
-    that seed's noise, fresh seeds measure it without the pick's optimism. Largest batch first,
-    seeds in the given order, optimizers side by side."""
-    src = args.confirm / "results.json"
-    if not src.is_file():
-        raise ValueError(f"--confirm: {src} not found (a scaling study's output, written by --summarize)")
-    grid = json.loads(src.read_text())
-    specs = []
-    for (opt, batch), r in best_per_batch(grid).items():
-        if opt not in args.optimizers or batch not in args.batch_sizes:
-            continue
-        for seed in args.seeds:
-            spec = make_spec(args, opt, batch, r["lr_multiplier"], seed_offset=seed)
-            if not math.isclose(spec.lr, r["lr"], rel_tol=1e-9) or spec.steps != r["steps"]:
-                raise ValueError(f"--confirm: {r['name']} in {args.confirm} ran lr {r['lr']:.6g} for {r['steps']} "
-                                 f"steps, this command gives lr {spec.lr:.6g} for {spec.steps}: pass the study's "
-                                 "--lr, --base-batch, --lr-rule and --samples")
-            specs.append(spec)
-    if not specs:
-        raise ValueError(f"--confirm: {args.confirm} has no finished run of {','.join(args.optimizers)} at batch "
-                         f"{','.join(map(str, args.batch_sizes))}")
-    return sorted(specs, key=lambda s: (-s.batch, args.seeds.index(s.seed_offset), args.optimizers.index(s.optimizer)))
-
 
 def compact(run_dir: Path) -> None:
     """What a finished run keeps (small enough to commit, so a study spread over sessions adds
@@ -248,23 +217,6 @@ def with_targets(result: dict, run_dir: Path, args) -> dict:
     return with_train_target(result, run_dir, getattr(args, "train_target", None),
                              getattr(args, "train_window", TRAIN_WINDOW))
 
-
-def with_target(result: dict, target: float) -> dict:
-    """Set when held-out loss first reaches ``target`` (None if never): linear interpolation in
-    samples between the evaluations on either side, so the figure does not jump by a whole
-    evaluation interval; the first evaluation itself when it is already at or below."""
-    evals = result.get("evals", [])
-    at = next((i for i, e in enumerate(evals) if e["eval_mlm_loss"] <= target), None)
-    samples = None
-    if at is not None:
-        samples = float(evals[at]["samples"])
-        if at > 0:
-            a, b = evals[at - 1], evals[at]
-            frac = (a["eval_mlm_loss"] - target) / (a["eval_mlm_loss"] - b["eval_mlm_loss"])
-            samples = a["samples"] + frac * (b["samples"] - a["samples"])
-    result["samples_to_target"] = samples
-    result["steps_to_target"] = None if samples is None else samples / result["batch"]
-    return result
 
 
 def read_noise(run_dir: Path, batch: int) -> list[dict]:
@@ -314,7 +266,9 @@ def best_per_batch(results: list[dict], by: str = "final") -> dict[tuple[str, in
     (``by="final"``) or fewest steps to the target (``by="target"``, runs that reach it only).
     Repeats with another seed are not candidates (they measure the noise between runs)."""
     def score(r):
-        return _final(r) if by == "final" else (r["steps_to_target"] if r["steps_to_target"] is not None else math.inf)
+        if by == "final":
+            return final_or_inf(r)
+        return r["steps_to_target"] if r["steps_to_target"] is not None else math.inf
 
     best: dict[tuple[str, int], dict] = {}
     for r in results:
@@ -344,7 +298,8 @@ def steps_run(r: dict) -> int:
     return r["evals"][-1]["step"] if r["evals"] else r["steps"]
 
 
-def _final(r: dict) -> float:
+def final_or_inf(r: dict) -> float:
+    """The run's final held-out loss, to rank runs by: a diverged run's NaN as infinity."""
     v = r["final_loss"]
     return v if v == v else math.inf  # NaN (diverged) sorts last
 
@@ -376,8 +331,8 @@ def scaling_summary(results: list[dict]) -> dict[str, list[dict]]:
 
 def write_outputs(results: list[dict], out: Path, target: float, unigram: Optional[float] = None,
                   study: bool = True) -> None:
-    """results.csv, summary.json, results.json; for a study (not --confirm) also comparison.md and
-    the plots."""
+    """results.csv, summary.json, results.json; for the grid (``study``; not confirm's runs) also
+    comparison.md and the plots."""
     with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "optimizer", "batch", "lr", "lr_multiplier", "step", "samples", "eval_mlm_loss",
@@ -392,15 +347,17 @@ def write_outputs(results: list[dict], out: Path, target: float, unigram: Option
             r["below_unigram"] = unigram - r["final_loss"] if r["final_loss"] == r["final_loss"] else None
     write_json(out / "summary.json", {"target_loss": target, "unigram_entropy": unigram, "runs": summary,
                                       "scaling": scaling_summary(results)})
-    write_json(out / "results.json", results, indent=None)  # what plot() needs, for --predict's overlay
+    write_json(out / "results.json", results, indent=None)  # what plot_grid() needs, for predict's overlay
     if not study:
         return
     prediction = overlay_prediction(results, out, target)
     write_text(out / "comparison.md", comparison_table(results, target, unigram, prediction))
     try:
-        plot(results, out, target, prediction=prediction)
+        from scaling.plots import plot_grid  # here, not at the top: matplotlib is optional
     except ImportError:
         print("scaling: matplotlib is not installed; no plots", file=sys.stderr)
+    else:
+        plot_grid(results, out, target, prediction=prediction)
 
 
 def comparison_table(results: list[dict], target: float, unigram: Optional[float] = None,
@@ -427,7 +384,7 @@ def comparison_table(results: list[dict], target: float, unigram: Optional[float
                 continue
             tried = tried_multipliers(results, opt, batch)
             edge = " edge" if len(tried) > 1 and r["lr_multiplier"] in (tried[0], tried[-1]) else ""
-            seeds = [_final(x) for x in results if x["optimizer"] == opt and x["batch"] == batch
+            seeds = [final_or_inf(x) for x in results if x["optimizer"] == opt and x["batch"] == batch
                      and x["lr_multiplier"] == r["lr_multiplier"] and x.get("seed_offset", 0)]
             spread = f" (seeds {', '.join(f'{v:.3f}' for v in seeds)})" if seeds else ""
             f = fastest.get((opt, batch))
@@ -435,7 +392,7 @@ def comparison_table(results: list[dict], target: float, unigram: Optional[float
                 steps = f"{f['steps_to_target']:,.0f} steps"
             else:
                 steps = f">{steps_run(r):,} steps"
-            row.append(f"×{r['lr_multiplier']:.3g}{edge} of {len(tried)}: {_final(r):.3f}{spread}, {steps}")
+            row.append(f"×{r['lr_multiplier']:.3g}{edge} of {len(tried)}: {final_or_inf(r):.3f}{spread}, {steps}")
         if prediction:
             p = predicted.get(batch)
             row.append(f"{p['steps']:,.0f} ({min(p['steps_low_noise'], p['steps_high_noise']):,.0f}–"
@@ -445,7 +402,7 @@ def comparison_table(results: list[dict], target: float, unigram: Optional[float
 
 
 def overlay_prediction(results: list[dict], out: Path, target: float) -> Optional[dict]:
-    """The ``--predict`` result kept in one of the study's run dirs, for the same target loss: the
+    """The ``predict`` result kept in one of the study's run dirs, for the same target loss: the
     plot keeps its overlay as runs are added. Of several, the smallest batch's, and there the run
     fastest to the target (the best-tuned lr: a prediction scales its run's own step count)."""
     def key(r):
@@ -462,88 +419,6 @@ def overlay_prediction(results: list[dict], out: Path, target: float) -> Optiona
             if p.get("target_loss") == target:
                 return p
     return None
-
-
-def plot(results: list[dict], out: Path, target: float, prediction: Optional[dict] = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    best = best_per_batch(results)
-    opts = sorted({r["optimizer"] for r in results})
-    fig, axes = plt.subplots(1, len(opts), figsize=(5 * len(opts), 4), sharey=True, squeeze=False)
-    for ax, opt in zip(axes[0], opts):
-        for (o, batch), r in sorted(best.items()):
-            if o == opt and r["evals"]:
-                ax.plot([e["samples"] for e in r["evals"]], [e["eval_mlm_loss"] for e in r["evals"]],
-                        marker="o", ms=3, label=f"batch {batch} (lr {r['lr']:.2g})")
-        ax.axhline(target, color="grey", ls=":", lw=1)
-        ax.set(title=opt, xlabel="samples", xscale="log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels would overlap
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("held-out MLM loss")
-    fig.tight_layout()
-    save_figure(fig, out / "loss_vs_samples.png", dpi=120)
-    plt.close(fig)
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    colour = {opt: f"C{i}" for i, opt in enumerate(opts)}
-    for opt in opts:
-        rows = sorted((b, r) for (o, b), r in best.items() if o == opt)
-        a1.plot([b for b, _ in rows], [_final(r) for _, r in rows], marker="o", color=colour[opt], label=opt)
-    fastest = best_per_batch(results, by="target")
-    reached = {k for k, x in fastest.items() if x["steps_to_target"] is not None}
-    for opt in opts:
-        hits = sorted((b, fastest[(o, b)]["steps_to_target"]) for (o, b) in reached if o == opt)
-        if hits:
-            a2.plot([b for b, _ in hits], [s for _, s in hits], marker="o", color=colour[opt], label=opt)
-        # Batches where no run of this optimizer reached the target: the steps it ran are a lower bound.
-        short = sorted((b, steps_run(r)) for (o, b), r in best.items() if o == opt and (o, b) not in reached)
-        if short:  # nudged sideways per optimizer: equal bounds at one batch stay visible
-            nudge = 1.08 ** (opts.index(opt) - (len(opts) - 1) / 2)
-            a2.scatter([b * nudge for b, _ in short], [s for _, s in short], marker="^", facecolors="none",
-                       edgecolors=colour[opt], label=f"{opt}: not reached in its steps")
-    batches = sorted({b for _, b in best})
-    lamb_hits = [(b, r["steps_to_target"]) for (o, b), r in fastest.items()
-                 if o == "lamb" and r["steps_to_target"] is not None]
-    if lamb_hits:
-        b0, s0 = min(lamb_hits)
-        a2.plot(batches, [s0 * b0 / b for b in batches], "k--", lw=1, label="ideal linear scaling (from lamb)")
-    if prediction is not None:  # over the study's batches (a prediction may reach 65,536)
-        pb = [b for b in prediction["batches"] if min(batches) / 2 <= b["batch"] <= max(batches) * 2]
-        a2.plot([b["batch"] for b in pb], [b["steps"] for b in pb], color="C3", lw=1.5,
-                label=f"predicted by the noise scale of {Path(prediction['run']).name}")
-        a2.fill_between([b["batch"] for b in pb], [min(b["steps_low_noise"], b["steps_high_noise"]) for b in pb],
-                        [max(b["steps_low_noise"], b["steps_high_noise"]) for b in pb], color="C3", alpha=0.15, lw=0)
-    a1.set(xscale="log", xlabel="global batch", ylabel="final held-out MLM loss", title="same samples, best lr")
-    a2.set(xscale="log", yscale="log", xlabel="global batch", ylabel=f"steps to held-out loss {target}",
-           title="steps to target, best lr")
-    for ax in (a1, a2):
-        if ax.get_legend_handles_labels()[0]:  # no curve when no run reached the target yet
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, out / "scaling.png", dpi=120)
-    plt.close(fig)
-
-    courses = [(o, b, r) for (o, b), r in sorted(best.items()) if r.get("gns")]
-    if courses:  # one panel per optimizer, batches coloured from small (dark) to large (light)
-        gns_opts = sorted({o for o, _, _ in courses})
-        all_batches = sorted({b for _, b, _ in courses})
-        shade = {b: plt.cm.viridis(i / max(1, len(all_batches) - 1) * 0.9) for i, b in enumerate(all_batches)}
-        fig, axes = plt.subplots(1, len(gns_opts), figsize=(4.5 * len(gns_opts), 4), sharey=True, squeeze=False)
-        for ax, opt in zip(axes[0], gns_opts):
-            for o, b, r in courses:
-                if o == opt:
-                    g = [x for x in r["gns"] if x.get("b_simple") is not None and x["b_simple"] > 0]
-                    ax.plot([x["samples"] for x in g], [x["b_simple"] for x in g], lw=1.2, color=shade[b],
-                            label=f"batch {b}")
-            ax.set(xscale="log", yscale="log", xlabel="samples", title=f"{opt} (best lr per batch)")
-            ax.legend(fontsize=7)
-        axes[0][0].set_ylabel("gradient noise scale B_simple")
-        fig.tight_layout()
-        save_figure(fig, out / "noise_scale.png", dpi=120)
-        plt.close(fig)
 
 
 def print_table(results: list[dict], target: float) -> None:
@@ -613,68 +488,51 @@ def parse_lrs(text: str) -> dict[str, float]:
     return out
 
 
-def predict_main(argv: list[str]) -> int:
-    from pretrain import predict as pred
-
-    ap = argparse.ArgumentParser(prog="python -m pretrain.scaling --predict", description=pred.__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--predict", type=Path, required=True, metavar="RUN_DIR")
-    ap.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                    help="default: powers of 2 from the run's batch / 8 to 65,536 (32k and 64k included)")
-    ap.add_argument("--target-loss", type=float, default=None, help="default: the loss the run reached")
-    ap.add_argument("--output", type=Path, default=None, help="a scaling study's output: overlay on its plot")
-    args = ap.parse_args(argv)
-    try:
-        _, b_run = pred.read_run(args.predict)
-        batches = args.batch_sizes or sorted({2 ** k for k in range(max(0, b_run.bit_length() - 4), 17)} | {32768, 65536})
-        grid = None
-        target, key = args.target_loss, "auto"
-        if args.output is not None:
-            summary = args.output / "summary.json"
-            if not (args.output / "results.json").is_file() or not summary.is_file():
-                raise FileNotFoundError(f"{args.output}: no results.json/summary.json of a scaling study")
-            grid = json.loads((args.output / "results.json").read_text())
-            if target is None:
-                target = json.loads(summary.read_text())["target_loss"]
-            key = "eval_mlm_loss"  # the study's targets are held-out losses
-            batches = sorted(set(batches) | {r["batch"] for r in grid})
-        p = pred.predict(args.predict, batches, target, key)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"scaling --predict: {exc}", file=sys.stderr)
-        return 2
-    write_json(args.predict / "prediction.json", p)
-    pred.print_prediction(p)
-    try:
-        pred.plot_prediction(p, args.predict / "prediction.png")
-        if grid is not None:
-            plot(grid, args.output, p["target_loss"], prediction=p)
-    except ImportError:
-        print("scaling: matplotlib is not installed; no plots", file=sys.stderr)
-    print(json.dumps({"prediction": str(args.predict / "prediction.json"), "target_loss": p["target_loss"],
-                      "steps": {b["batch"]: round(b["steps"], 1) for b in p["batches"]}}))
-    return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--predict" in argv or any(a.startswith("--predict=") for a in argv):
-        return predict_main(argv)
-    ap = argparse.ArgumentParser(prog="python -m pretrain.scaling", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def comma_list(kind: type) -> Callable[[str], list]:
+    """An argparse type: "1,2,3" -> [kind(1), kind(2), kind(3)], empty items dropped."""
+    return lambda text: [kind(x) for x in text.split(",") if x.strip()]
+
+
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags of every command that trains: the runs' settings, their outputs and the targets."""
     ap.add_argument("--config", type=Path, required=True, help="base pretraining config (model, data, precision)")
     ap.add_argument("--data", type=Path, required=True, help="data_prep output for the config's seq len")
     ap.add_argument("--output", type=Path, required=True)
-    ap.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], required=True)
-    ap.add_argument("--optimizers", type=lambda s: s.split(","), default=["lamb", "lars", "adamw"])
+    ap.add_argument("--batch-sizes", type=comma_list(int), required=True)
+    ap.add_argument("--optimizers", type=comma_list(str), default=["lamb", "lars", "adamw"])
     ap.add_argument("--samples", type=int, required=True, help="training samples per run (same for all)")
     ap.add_argument("--base-batch", type=int, required=True, help="batch size the --lr values are tuned for")
     ap.add_argument("--lr", type=parse_lrs, required=True, help="base lr per optimizer, e.g. lamb=6e-3,adamw=1e-3")
     ap.add_argument("--lr-rule", choices=["sqrt", "linear", "none"], default="sqrt")
-    ap.add_argument("--lr-multipliers", type=lambda s: [float(x) for x in s.split(",")], default=[1.0],
+    ap.add_argument("--warmup", type=float, default=0.1, help="warmup as a fraction of each run's steps")
+    ap.add_argument("--power", type=float, default=0.5, help="polynomial decay power (0: constant after warmup)")
+    ap.add_argument("--micro-batch", type=int, default=64, help="largest micro batch per rank (accumulate above)")
+    ap.add_argument("--eval-points", type=int, default=8)
+    ap.add_argument("--eval-samples", type=int, default=1024)
+    ap.add_argument("--target-loss", type=float, default=4.5, help="held-out MLM loss target")
+    ap.add_argument("--train-target", type=comma_list(float), default=[],
+                    help="training MLM loss targets (comma-separated), read from each run's training records "
+                         "(scaling/targets.py)")
+    ap.add_argument("--train-window", type=float, default=TRAIN_WINDOW,
+                    help="samples the training MLM loss is smoothed over before --train-target is read")
+    ap.add_argument("--np", type=int, default=2, help="processes per run")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at once (CPU threads shared between them)")
+    ap.add_argument("--summarize", action="store_true",
+                    help="train nothing: write the outputs from the runs finished so far")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--master-port", type=int, default=29561)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """``python -m scaling grid``: the run flags and the learning-rate search."""
+    add_run_arguments(ap)
+    ap.add_argument("--lr-multipliers", type=comma_list(float), default=[1.0],
                     help="lr search at the smallest and largest batch, e.g. 0.5,1,2")
-    ap.add_argument("--search-all", type=lambda s: [x for x in s.split(",") if x], default=[],
+    ap.add_argument("--search-all", type=comma_list(str), default=[],
                     help="optimizers whose lr is searched (--lr-multipliers) at every batch, not only at the ends")
-    ap.add_argument("--ends-only", type=lambda s: [x for x in s.split(",") if x], default=[],
+    ap.add_argument("--ends-only", type=comma_list(str), default=[],
                     help="optimizers run at the smallest and largest batch only")
     ap.add_argument("--extend-edges", action="store_true",
                     help="after the grid, one more lr beyond the edge wherever the best lr is at an edge "
@@ -682,47 +540,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--repeat-best", type=int, default=1, metavar="N",
                     help="runs per best lr at the smallest and largest batch (N-1 more seeds), for "
                          "the optimizers in --search-all: the noise between runs")
-    ap.add_argument("--warmup", type=float, default=0.1, help="warmup as a fraction of each run's steps")
-    ap.add_argument("--power", type=float, default=0.5, help="polynomial decay power (0: constant after warmup)")
-    ap.add_argument("--micro-batch", type=int, default=64, help="largest micro batch per rank (accumulate above)")
-    ap.add_argument("--eval-points", type=int, default=8)
-    ap.add_argument("--eval-samples", type=int, default=1024)
-    ap.add_argument("--target-loss", type=float, default=4.5, help="held-out MLM loss target")
-    ap.add_argument("--train-target", type=lambda s: [float(x) for x in s.split(",") if x.strip()], default=[],
-                    help="training MLM loss targets (comma-separated), read from each run's training records "
-                         "(pretrain/confirm.py)")
-    ap.add_argument("--train-window", type=float, default=TRAIN_WINDOW,
-                    help="samples the training MLM loss is smoothed over before --train-target is read")
-    ap.add_argument("--np", type=int, default=2, help="processes per run")
-    ap.add_argument("--parallel", type=int, default=1, help="runs at once (CPU threads shared between them)")
-    ap.add_argument("--summarize", action="store_true",
-                    help="train nothing: write the outputs from the runs finished so far")
-    ap.add_argument("--confirm", type=Path, default=None, metavar="GRID_DIR",
-                    help="run the best lr per optimizer and batch of a finished study (GRID_DIR) with --seeds, "
-                         "in --output (the study's --lr, --base-batch, --lr-rule, --samples; another --power "
-                         "reruns them under that schedule)")
-    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
-                    help="with --confirm: seed offsets to run, distinct and above 0 (0 is the study's own seed)")
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--master-port", type=int, default=29561)
-    args = ap.parse_args(argv)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Flags that do not fit together: ValueError, which the command line shows as a usage error."""
     unknown = [o for o in args.optimizers if o not in OPTIMIZERS]
     if unknown or any(o not in args.lr for o in args.optimizers):
-        ap.error(f"optimizers must be among {sorted(OPTIMIZERS)} and each needs a --lr entry")
+        raise ValueError(f"optimizers must be among {sorted(OPTIMIZERS)} and each needs a --lr entry")
     for b in args.batch_sizes:
         if b % args.np:
-            ap.error(f"batch {b} is not divisible by --np {args.np}")
+            raise ValueError(f"batch {b} is not divisible by --np {args.np}")
     if args.parallel < 1:
-        ap.error("--parallel must be at least 1")
-    if args.confirm is not None and args.confirm.resolve() == args.output.resolve():
-        ap.error("--confirm GRID_DIR needs another --output")
-    if args.confirm is not None and (0 in args.seeds or len(set(args.seeds)) < len(args.seeds) or min(args.seeds) < 0):
-        ap.error("--seeds: distinct seed offsets above 0 (0 is the study's own seed, already run)")
-    try:
-        specs = confirm_specs(args) if args.confirm is not None else plan(args)
-    except ValueError as exc:
-        print(f"scaling: {exc}", file=sys.stderr)
-        return 2
+        raise ValueError("--parallel must be at least 1")
+
+
+def start(args: argparse.Namespace, n_runs: int) -> Optional[float]:
+    """Create the output folder and say what will run; the held-out unigram entropy (None where the
+    data cannot tell it), which the outputs quote as the plateau to get below."""
     args.output.mkdir(parents=True, exist_ok=True)
     try:
         unigram = unigram_entropy(args.data)
@@ -732,23 +566,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unigram is not None:
         print(f"scaling: held-out unigram entropy {unigram:.4f} nats (the loss of a model that ignores context)",
               flush=True)
-    print(f"scaling: {len(specs)} runs, {args.samples:,} samples each, {args.parallel} at a time, "
+    print(f"scaling: {n_runs} runs, {args.samples:,} samples each, {args.parallel} at a time, "
           f"output {args.output}", flush=True)
-    results: dict[int, dict] = {}
-    lock = threading.Lock()
-    source = [with_target(r, args.target_loss) for r in json.loads((args.confirm / "results.json").read_text())] \
-        if args.confirm is not None else []  # the study's own runs, timed to this command's target
-    schedule = "" if args.confirm is None else schedule_note(args.warmup, args.power, next(
-        (p for p in (scheduler_power(args.confirm / r["name"]) for r in source) if p is not None), None))
+    return unigram
 
-    def outputs(rs: list[dict]) -> None:
-        write_outputs(rs, args.output, args.target_loss, unigram, study=args.confirm is None)
-        if args.confirm is not None:
-            write_confirm_outputs(rs, source, args.output, args.target_loss, args.train_target, args.train_window,
-                                  schedule)
+
+def run_specs(args: argparse.Namespace, specs: list[RunSpec], indices: Iterable[int], results: dict[int, dict],
+              outputs: Callable[[list[dict]], None]) -> list[str]:
+    """Run ``specs[i]`` for each of ``indices``, in that order and ``--parallel`` at a time, into
+    ``results[i]``, rewriting the outputs after each. With ``--summarize`` nothing trains: the
+    finished runs are read back and the names of the others returned."""
+    if args.summarize:
+        missing = []
+        for i in sorted(indices):
+            if (args.output / specs[i].name / "result.json").is_file():
+                results[i] = run_one(specs[i], args, args.output)  # reads the stored result
+            else:
+                missing.append(specs[i].name)
+        return missing
+    lock = threading.Lock()
     free_slots = list(range(args.parallel))
 
-    def work(i: int, spec: RunSpec) -> None:
+    def work(i: int) -> None:
+        spec = specs[i]
         with lock:
             slot = free_slots.pop()
         t = time.time()
@@ -766,23 +606,40 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"({status})", flush=True)
             outputs([results[k] for k in sorted(results)])
 
-    if args.summarize:
-        missing = []
-        for i, spec in enumerate(specs):
-            if (args.output / spec.name / "result.json").is_file():
-                results[i] = run_one(spec, args, args.output)  # reads the stored result
-            else:
-                missing.append(spec.name)
-        if missing:
-            print(f"scaling: {len(missing)} planned runs not finished: {', '.join(missing)}")
-    else:
-        order = range(len(specs)) if args.confirm is not None else \
-            sorted(range(len(specs)), key=lambda i: run_priority(specs[i], specs, args.optimizers))
-        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-            for future in [pool.submit(work, i, specs[i]) for i in order]:
-                future.result()
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        for future in [pool.submit(work, i) for i in indices]:
+            future.result()
+    return []
+
+
+def finish(args: argparse.Namespace, results: dict[int, dict], outputs: Callable[[list[dict]], None]) -> int:
+    """The outputs and the tables from every run; exit status 1 when a run failed (not diverged)."""
+    rs = [results[k] for k in sorted(results)]
+    outputs(rs)
+    print_table(rs, args.target_loss)
+    print(json.dumps({"scaling": str(args.output), "runs": len(rs)}))
+    return 0 if all(r["exit_code"] in (0, 3) for r in rs) else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    """The grid, then the edge extensions and repeats the finished runs call for."""
+    try:
+        specs = plan(args)
+    except ValueError as exc:
+        print(f"scaling grid: {exc}", file=sys.stderr)
+        return 2
+    unigram = start(args, len(specs))
+    results: dict[int, dict] = {}
+
+    def outputs(rs: list[dict]) -> None:
+        write_outputs(rs, args.output, args.target_loss, unigram)
+
+    order = range(len(specs)) if args.summarize else \
+        sorted(range(len(specs)), key=lambda i: run_priority(specs[i], specs, args.optimizers))
+    missing = run_specs(args, specs, order, results, outputs)
+    if missing:
+        print(f"scaling: {len(missing)} planned runs not finished: {', '.join(missing)}")
     searched = set(args.search_all)
-    pending: list[str] = []  # --summarize: extensions and repeats planned from the stored results, not run yet
 
     def edges_searched(a, rs):  # the optimizers compared at every batch: their edges, then their repeats
         return [x for x in edge_specs(a, rs) if x.optimizer in searched]
@@ -790,31 +647,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     def edges_others(a, rs):  # those searched at the ends only come last
         return [x for x in edge_specs(a, rs) if x.optimizer not in searched]
 
-    for extra_phase in (edges_searched, repeat_specs, edges_others) if args.confirm is None else ():
+    pending: list[str] = []  # --summarize: extensions and repeats planned from the stored results, not run yet
+    for extra_phase in (edges_searched, repeat_specs, edges_others):
         extra = [x for x in extra_phase(args, [results[k] for k in sorted(results)])
                  if x.name not in {sp.name for sp in specs}]
         if not extra:
             continue
         base = len(specs)
         specs += extra
-        if args.summarize:
-            for i, spec in enumerate(extra, start=base):
-                if (args.output / spec.name / "result.json").is_file():
-                    results[i] = run_one(spec, args, args.output)
-                else:
-                    pending.append(spec.name)
-        else:
-            with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-                for future in [pool.submit(work, i, spec) for i, spec in enumerate(extra, start=base)]:
-                    future.result()
+        pending += run_specs(args, specs, range(base, len(specs)), results, outputs)
     if pending:
         print(f"scaling: {len(pending)} edge extensions and repeats not finished: {', '.join(pending)}")
-    results = [results[k] for k in sorted(results)]
-    outputs(results)
-    print_table(results, args.target_loss)
-    print(json.dumps({"scaling": str(args.output), "runs": len(results)}))
-    return 0 if all(r["exit_code"] in (0, 3) for r in results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return finish(args, results, outputs)

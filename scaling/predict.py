@@ -9,20 +9,27 @@ batch B_run, with the noise scale B_n(t) of that moment, stands for 1/(1 + B_n(t
 an infinitely large batch, and for (1 + B_n(t)/B)/(1 + B_n(t)/B_run) steps at batch B. The band
 comes from the noise scale's jackknife error at the end of the run, applied to the whole course.
 
-    python -m pretrain.scaling --predict RUN_DIR [--batch-sizes 256,2048,32768,65536] [--target-loss L]
-        [--output GRID_DIR]      (also overlay the prediction on a scaling study's scaling.png)
+    python -m scaling predict RUN_DIR [--batch-sizes 256,2048,32768,65536] [--target-loss L]
+        [--output GRID_DIR]      (also overlay the prediction on a grid's scaling.png)
 
-The loss is the held-out MLM loss when the run evaluated it (what the scaling study's targets
-are), else the training loss.
+RUN_DIR is any run of ``pretrain/run.py`` that logged the noise scale (a grid's run, or one of
+your own). Nothing trains: the prediction goes to ``RUN_DIR/prediction.json``, a table to stdout
+and ``RUN_DIR/prediction.png`` (with matplotlib). The loss is the held-out MLM loss when the run
+evaluated it (what the grid's targets are), else the training loss. With ``--output GRID_DIR``
+(the output of ``python -m scaling grid``) the target is the grid's held-out target, and where
+RUN_DIR is one of the grid's runs the grid keeps the prediction on its plot and in its
+comparison.md as runs are added.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Optional
 
-from data_prep.atomic import save_figure
+from data_prep.atomic import write_json
 from pretrain.metrics import read_records
 
 
@@ -77,7 +84,7 @@ def noise_at(curve: list[tuple[int, float, Optional[float]]], step: float) -> fl
 def predict(run_dir: Path, batch_sizes: list[int], target: Optional[float] = None, key: str = "auto",
             run_steps: Optional[float] = None) -> dict:
     """``run_steps``: the steps the run took to ``target`` when the caller read them its own way
-    (pretrain.confirm smooths the training loss first); default: from the logged curve."""
+    (scaling.confirm smooths the training loss first); default: from the logged curve."""
     records, b_run = read_run(Path(run_dir))
     (which, losses), noise = loss_curve(records, key), noise_curve(records)
     if not losses:
@@ -125,28 +132,48 @@ def print_prediction(p: dict) -> None:
               f"{b['steps'] / p['run_steps']:12.3f}x")
 
 
-def plot_prediction(p: dict, path: Path) -> None:
-    import matplotlib
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """``python -m scaling predict``."""
+    ap.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory of pretrain/run.py")
+    ap.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="default: powers of 2 from the run's batch / 8 to 65,536 (32k and 64k included)")
+    ap.add_argument("--target-loss", type=float, default=None,
+                    help="default: the loss the run reached (with --output: the grid's --target-loss)")
+    ap.add_argument("--output", type=Path, default=None, metavar="GRID_DIR",
+                    help="a grid's output: overlay on its scaling.png")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    bs = [b["batch"] for b in p["batches"]]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    lo = [min(b["steps_low_noise"], b["steps_high_noise"]) for b in p["batches"]]
-    hi = [max(b["steps_low_noise"], b["steps_high_noise"]) for b in p["batches"]]
-    a1.plot(bs, [b["steps"] for b in p["batches"]], "C0-", label="predicted")
-    a1.fill_between(bs, lo, hi, color="C0", alpha=0.2, lw=0, label="noise-scale error")
-    a1.plot([p["run_batch"]], [p["run_steps"]], "ko", label="the run")
-    a1.axhline(p["s_min"], color="grey", ls=":", lw=1, label="S_min")
-    a2.plot(bs, [b["samples"] for b in p["batches"]], "C1-", label="predicted")
-    a2.fill_between(bs, [x * b for x, b in zip(lo, bs)], [x * b for x, b in zip(hi, bs)], color="C1", alpha=0.2, lw=0)
-    a2.plot([p["run_batch"]], [p["run_steps"] * p["run_batch"]], "ko", label="the run")
-    a1.set(xscale="log", yscale="log", xlabel="global batch", ylabel="steps", title=f"steps to {p['loss']} "
-           f"{p['target_loss']:.3f}")
-    a2.set(xscale="log", yscale="log", xlabel="global batch", ylabel="samples", title="samples")
-    for ax in (a1, a2):
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
+def run(args: argparse.Namespace) -> int:
+    """The prediction for RUN_DIR; exit status 2 with one line when the run cannot give one."""
+    grid_results = None
+    try:
+        _, b_run = read_run(args.run_dir)
+        powers = {2 ** k for k in range(max(0, b_run.bit_length() - 4), 17)} | {32768, 65536}  # from batch / 8
+        batches = args.batch_sizes or sorted(powers)
+        target, key = args.target_loss, "auto"
+        if args.output is not None:
+            summary = args.output / "summary.json"
+            if not (args.output / "results.json").is_file() or not summary.is_file():
+                raise FileNotFoundError(f"{args.output}: no results.json/summary.json of a scaling grid")
+            grid_results = json.loads((args.output / "results.json").read_text())
+            if target is None:
+                target = json.loads(summary.read_text())["target_loss"]
+            key = "eval_mlm_loss"  # the grid's targets are held-out losses
+            batches = sorted(set(batches) | {r["batch"] for r in grid_results})
+        p = predict(args.run_dir, batches, target, key)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"scaling predict: {exc}", file=sys.stderr)
+        return 2
+    write_json(args.run_dir / "prediction.json", p)
+    print_prediction(p)
+    try:
+        from scaling import plots  # here, not at the top: matplotlib is optional
+    except ImportError:
+        print("scaling: matplotlib is not installed; no plots", file=sys.stderr)
+    else:
+        plots.plot_prediction(p, args.run_dir / "prediction.png")
+        if grid_results is not None:
+            plots.plot_grid(grid_results, args.output, p["target_loss"], prediction=p)
+    print(json.dumps({"prediction": str(args.run_dir / "prediction.json"), "target_loss": p["target_loss"],
+                      "steps": {b["batch"]: round(b["steps"], 1) for b in p["batches"]}}))
+    return 0
