@@ -1,4 +1,5 @@
-"""An installed package works: the wheel carries the C kernels' source and the shipped configs."""
+"""An installed package works: the wheel carries the C kernels' source, the shipped configs and the
+scaling study, whose plotting library is an optional extra."""
 from __future__ import annotations
 
 import shutil
@@ -28,3 +29,10 @@ def test_wheel_ships_kernel_source_and_configs(tmp_path):
     assert shipped and {f"ds_configs/{n}" for n in shipped} <= names
     # finetune finds its default config relative to its package, so it must sit beside it
     assert "finetune/squad.py" in names and "ds_configs/squad.json" in names
+    # the scaling study ships as its own package; its plotting library is an extra, not a dependency
+    assert {"scaling/__main__.py", "scaling/grid.py", "scaling/confirm.py", "scaling/predict.py"} <= names
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    plotting = [r for r in requires if r.startswith("matplotlib")]
+    assert plotting and all('extra == "study"' in r for r in plotting), plotting
+    assert any(r.startswith("torch") and "extra" not in r for r in requires)
