@@ -43,6 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.gpucheck.common import Bare, batches, prepare_data  # noqa: E402  (stage d's bare loop)
 
 
 MODES = ("bare", "zero0", "zero1", "zero2")
@@ -94,38 +95,6 @@ def engine_config(mode: str, micro: int, accum: int, bf16: bool) -> dict:
                 raise ValueError(f"--modes: {mode!r}: {part} in {key} is not an object in the config")
         node[leaf] = value
     return cfg
-
-
-def batches(data: Path, micro: int, n: int, device) -> list[dict]:
-    import torch
-
-    from data_prep import PretrainingDataset
-
-    ds = PretrainingDataset(data / "seq128", max_predictions=20)
-    out = []
-    for b in range(n):
-        items = [ds[(b * micro + i) % len(ds)] for i in range(micro)]
-        out.append({k: torch.stack([it[k] for it in items]).to(device) for k in items[0]})
-    return out
-
-
-class Bare:
-    def __init__(self, model, device, bf16: bool) -> None:
-        import torch
-
-        import optim
-
-        self.model = model.to(device)
-        self.opt = optim.Lamb(optim.param_groups(model, 0.01), lr=1e-4, variant="nvidia")
-        self.amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    def step(self, micro_batches: list[dict]) -> None:
-        for b in micro_batches:
-            with self.amp():
-                out = self.model(**b)
-            (out.loss / len(micro_batches)).backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
 
 
 class Engine:
@@ -224,9 +193,7 @@ def main(argv=None) -> int:
     if args.data is None:
         args.data = args.out / "prepared" / "data"
         if not (args.data / "seq128" / "manifest.json").is_file():
-            from bench.gpu_check import prepare_data_only
-
-            prepare_data_only(args.out / "prepared")
+            prepare_data(args.out / "prepared")
 
     import torch
 
