@@ -1,5 +1,5 @@
 """Predictions of steps and samples at other batch sizes from one run's noise scale, against the
-model S(B) = S_min (1 + B_noise/B) computed independently here (pretrain/predict.py)."""
+model S(B) = S_min (1 + B_noise/B) computed independently here (scaling/predict.py)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pretrain import predict, scaling
+from scaling import grid, plots, predict
+from scaling.__main__ import main
 
 
 def make_run(d: Path, batch: int, noise, steps: int = 300, every: int = 10, evals: bool = False) -> Path:
@@ -69,57 +70,57 @@ def test_a_growing_noise_scale_is_integrated_over_the_run(tmp_path):
 
 def test_cli_writes_the_prediction_and_names_bad_runs(tmp_path, capsys):
     run = make_run(tmp_path / "r", batch=128, noise=lambda s: 500.0, evals=True)
-    assert scaling.main(["--predict", str(run), "--batch-sizes", "128,32768,65536"]) == 0
+    assert main(["predict", str(run), "--batch-sizes", "128,32768,65536"]) == 0
     out = capsys.readouterr().out
     p = json.loads((run / "prediction.json").read_text())
     assert p["loss"] == "eval_mlm_loss" and p["target_loss"] == pytest.approx(4.0)  # the held-out loss it reached
     assert [b["batch"] for b in p["batches"]] == [128, 32768, 65536] and "65536" in out
     assert (run / "prediction.png").stat().st_size > 0
     silent = make_run(tmp_path / "no_gns", batch=128, noise=None)
-    assert scaling.main(["--predict", str(silent)]) == 2
+    assert main(["predict", str(silent)]) == 2
     assert "no gradient noise scale in metrics.jsonl" in capsys.readouterr().err
-    assert scaling.main(["--predict", str(run), "--target-loss", "1.0"]) == 2
+    assert main(["predict", str(run), "--target-loss", "1.0"]) == 2
     assert "never reached eval_mlm_loss 1.0000" in capsys.readouterr().err
 
 
 def test_overlay_on_a_scaling_study(tmp_path):
     run = make_run(tmp_path / "r", batch=64, noise=lambda s: 200.0, evals=True)
-    grid = tmp_path / "grid"
-    grid.mkdir()
+    grid_dir = tmp_path / "grid"
+    grid_dir.mkdir()
     results = [{"name": f"lamb_b{b}_lrx1", "optimizer": "lamb", "batch": b, "lr": 1e-3, "lr_multiplier": 1.0,
                 "steps": 100, "final_loss": 6.0, "steps_to_target": 300 * 64 / b, "exit_code": 0, "wall_s": 1.0,
                 "evals": [{"samples": 1000, "step": 10, "eval_mlm_loss": 6.0}]} for b in (64, 256)]
-    (grid / "results.json").write_text(json.dumps(results))
-    (grid / "summary.json").write_text(json.dumps({"target_loss": 5.0}))
-    assert scaling.main(["--predict", str(run), "--output", str(grid), "--batch-sizes", "1024"]) == 0
+    (grid_dir / "results.json").write_text(json.dumps(results))
+    (grid_dir / "summary.json").write_text(json.dumps({"target_loss": 5.0}))
+    assert main(["predict", str(run), "--output", str(grid_dir), "--batch-sizes", "1024"]) == 0
     p = json.loads((run / "prediction.json").read_text())
     assert p["target_loss"] == 5.0 and {b["batch"] for b in p["batches"]} == {64, 256, 1024}
-    assert (grid / "scaling.png").stat().st_size > 0
+    assert (grid_dir / "scaling.png").stat().st_size > 0
 
 
 def test_the_study_keeps_the_overlay_as_runs_are_added(tmp_path, monkeypatch):
     """The grid rewrites its plots after every run: the prediction kept in a run dir (for the same
     target) stays on them, and no temporary file is left beside the outputs."""
-    grid = tmp_path / "grid"
-    (grid / "lamb_b64_lrx1").mkdir(parents=True)
+    grid_dir = tmp_path / "grid"
+    (grid_dir / "lamb_b64_lrx1").mkdir(parents=True)
     results = [{"name": f"lamb_b{b}_lrx1", "optimizer": "lamb", "batch": b, "lr": 1e-3, "lr_multiplier": 1.0,
                 "steps": 100, "final_loss": 6.0, "steps_to_target": 300 * 64 / b,
                 "samples_to_target": 300 * 64, "exit_code": 0, "wall_s": 1.0,
                 "evals": [{"samples": 1000, "step": 10, "eval_mlm_loss": 6.0, "eval_mlm_acc": 0.1,
                            "eval_nsp_acc": 0.5}]} for b in (64, 256)]
-    p = {"target_loss": 5.0, "run": str(grid / "lamb_b64_lrx1"),
+    p = {"target_loss": 5.0, "run": str(grid_dir / "lamb_b64_lrx1"),
          "batches": [{"batch": b, "steps": 300 * (1 + 100 / b), "steps_low_noise": 290, "steps_high_noise": 320}
                      for b in (64, 256)]}
-    (grid / "lamb_b64_lrx1" / "prediction.json").write_text(json.dumps(p))
-    assert scaling.overlay_prediction(results, grid, 5.0) == p
-    assert scaling.overlay_prediction(results, grid, 6.0) is None  # another target: not this study's
-    scaling.write_outputs(results, grid, 5.0)
-    assert (grid / "scaling.png").stat().st_size > 0 and (grid / "results.csv").read_text().count("\n") == 3
+    (grid_dir / "lamb_b64_lrx1" / "prediction.json").write_text(json.dumps(p))
+    assert grid.overlay_prediction(results, grid_dir, 5.0) == p
+    assert grid.overlay_prediction(results, grid_dir, 6.0) is None  # another target: not this study's
+    grid.write_outputs(results, grid_dir, 5.0)
+    assert (grid_dir / "scaling.png").stat().st_size > 0 and (grid_dir / "results.csv").read_text().count("\n") == 3
     drawn = []
-    monkeypatch.setattr(scaling, "plot", lambda *a, prediction=None, **k: drawn.append(prediction))
-    scaling.write_outputs(results, grid, 5.0)
+    monkeypatch.setattr(plots, "plot_grid", lambda *a, prediction=None, **k: drawn.append(prediction))
+    grid.write_outputs(results, grid_dir, 5.0)
     assert drawn == [p]
-    assert not [f for f in grid.iterdir() if ".tmp" in f.name]
-    table = (grid / "comparison.md").read_text().splitlines()
+    assert not [f for f in grid_dir.iterdir() if ".tmp" in f.name]
+    table = (grid_dir / "comparison.md").read_text().splitlines()
     assert "| 64 | ×1 of 1: 6.000, 300 steps | 769 (290–320) |" in table  # 300 (1 + 100/64) = 768.75
     assert "| 256 | ×1 of 1: 6.000, 75 steps | 417 (290–320) |" in table
