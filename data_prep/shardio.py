@@ -132,10 +132,3 @@ def open_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
         out[name] = whole[start:stop].view(dtype) if spec["length"] else np.zeros(0, dtype)
     return out, header.get("meta", {})
 
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -113,9 +113,6 @@ class Plan:
         self._tables: dict[tuple, tuple[torch.Tensor, bool]] = {}
         self.checked: set[tuple] = set()  # lists of tensors already checked by _check
 
-    def table(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return self.table_aligned(tensors)[0]
-
     def table_aligned(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
         """(device array of the tensors' addresses, whether all start on 16 bytes), cached by
         address (gradients may move from step to step)."""

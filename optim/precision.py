@@ -8,7 +8,6 @@ without bf16 instructions (bf16 would be emulated there, several times slower th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 FP16_DEFAULTS = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
                  "min_loss_scale": 1}
@@ -57,12 +56,12 @@ def resolve_precision(config: dict, accelerator=None, source: str = "config") ->
                         block.setdefault(k, v)
             elif key in config:
                 config[key]["enabled"] = False
-    on = [k for k in ("bf16", "fp16") if (config.get(k) or {}).get("enabled") is True]
-    if len(on) > 1:
+    if all((config.get(k) or {}).get("enabled") is True for k in ("bf16", "fp16")):
         raise ValueError(f"{source}: bf16 and fp16 are both enabled; enable one (or set both to \"auto\")")
-    return on[0] if on else "fp32"
+    return precision_of(config)
 
 
-def precision_of(config: dict) -> Optional[str]:
+def precision_of(config: dict) -> str:
+    """"bf16", "fp16" or "fp32": what a resolved config (no ``"auto"`` left) trains in."""
     on = [k for k in ("bf16", "fp16") if (config.get(k) or {}).get("enabled") is True]
     return on[0] if on else "fp32"

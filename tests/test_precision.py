@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from optim.precision import resolve_precision
+from optim.precision import precision_of, resolve_precision
 from pretrain.metrics import peak_tflops
 
 
@@ -33,6 +33,7 @@ def test_auto_on_gpus(acc, want):
     cfg = {k: dict(v) for k, v in SHIPPED.items()}
     assert resolve_precision(cfg, acc) == want
     assert cfg["bf16"]["enabled"] is (want == "bf16") and cfg["fp16"]["enabled"] is (want == "fp16")
+    assert precision_of(cfg) == want  # what fine-tuning's results and bench/ report for the resolved config
     assert cfg["fp16"]["initial_scale_power"] == 16  # the block's own loss-scaling settings stay
 
 
