@@ -380,8 +380,9 @@ class TrainingRun:
                 if outcome.applied and self.val_ds is not None and cfg.eval_every and step % cfg.eval_every == 0 \
                         and step < cfg.max_steps:
                     self.evaluate()
-                if stopping or outcome.applied and (cfg.checkpoint_every and step % cfg.checkpoint_every == 0
-                                                    or step == cfg.max_steps):
+                every = cfg.checkpoint_every  # 0: only at the end and on a stop
+                checkpoint_due = step == cfg.max_steps or (every > 0 and step % every == 0)
+                if stopping or (outcome.applied and checkpoint_due):
                     # Every step's flags (non-finite loss or gradient norm) read first: a checkpoint of
                     # diverged weights would be marked complete and could prune the good ones (one sync
                     # per checkpoint).
