@@ -1,0 +1,99 @@
+"""Packed sequences (pretrain/packing.py): the first-fit-decreasing packer over one micro-batch,
+the packed batch it builds, and that a packed batch trains as the same samples padded."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pretrain.packing import Packer, bucket_rows, fill_rate, first_fit_decreasing, max_rows
+
+VOCAB, CLS, SEP, PAD = 1000, 2, 3, 0
+
+
+def samples(lengths: list[int], seq_len: int, predictions: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A padded micro-batch as data_prep's dataset stacks it: [CLS] A [SEP] B [SEP], the given
+    lengths, token types 0/1, up to ``predictions`` masked positions (fewer in some samples)."""
+    g = torch.Generator().manual_seed(seed)
+    m = len(lengths)
+    batch = {"input_ids": torch.full((m, seq_len), PAD), "token_type_ids": torch.zeros(m, seq_len, dtype=torch.long),
+             "attention_mask": torch.zeros(m, seq_len, dtype=torch.long),
+             "masked_lm_positions": torch.zeros(m, predictions, dtype=torch.long),
+             "masked_lm_labels": torch.full((m, predictions), -1),
+             "next_sentence_label": torch.randint(0, 2, (m,), generator=g)}
+    for i, n in enumerate(lengths):
+        a = max(2, n // 2)
+        batch["input_ids"][i, :n] = torch.randint(5, VOCAB, (n,), generator=g)
+        batch["input_ids"][i, [0, a - 1, n - 1]] = torch.tensor([CLS, SEP, SEP])
+        batch["token_type_ids"][i, a:n] = 1
+        batch["attention_mask"][i, :n] = 1
+        k = min(predictions, max(1, n * 15 // 100) - i % 2)  # some samples leave slots empty
+        pos = torch.randperm(n - 2, generator=g)[:k] + 1
+        batch["masked_lm_positions"][i, :k] = pos
+        batch["masked_lm_labels"][i, :k] = torch.randint(5, VOCAB, (k,), generator=g)
+    return batch
+
+
+def test_ffd_places_every_sample_once_longest_first():
+    # by hand: 8 -> row 0; 7 -> row 1; 5 -> row 2; 3 -> row 1 (row 0 has 2 left); 2 -> row 0; 1 -> row 2
+    assert first_fit_decreasing([3, 7, 5, 2, 8, 1], 10) == [[4, 3], [1, 0], [2, 5]]
+    # ties keep the micro-batch's order
+    assert first_fit_decreasing([4, 4, 4], 8) == [[0, 1], [2]]
+    g = torch.Generator().manual_seed(0)
+    for capacity in (128, 512):
+        lengths = torch.randint(10, 129, (64,), generator=g).tolist()
+        rows = first_fit_decreasing(lengths, capacity)
+        assert rows == first_fit_decreasing(list(lengths), capacity)  # deterministic
+        assert sorted(i for row in rows for i in row) == list(range(64))
+        assert all(sum(lengths[i] for i in row) <= capacity for row in rows)
+        assert all(lengths[row[j]] >= lengths[row[j + 1]] for row in rows for j in range(len(row) - 1))
+        # first fit: every row but the last is too full for the shortest sample of the rows after it
+        for r in range(len(rows) - 1):
+            assert capacity - sum(lengths[i] for i in rows[r]) < min(lengths[i] for row in rows[r + 1:] for i in row)
+        assert len(rows) <= max_rows(64, 128, capacity)
+    with pytest.raises(ValueError, match="sample 1 has 129 tokens; rows hold 1..128"):
+        first_fit_decreasing([5, 129], 128)
+
+
+def test_row_counts_come_in_few_buckets():
+    # 16 samples of <= 128 tokens in rows of 128: up to 16 rows, counted in steps of 2 (8 shapes)
+    assert max_rows(16, 128, 128) == 16 and [bucket_rows(r, 16, 128, 128) for r in (1, 2, 3, 15, 16)] == [2, 2, 4, 16, 16]
+    # rows of 512 take at least 4 such samples each: up to 4 rows, every count its own shape
+    assert max_rows(16, 128, 512) == 4 and [bucket_rows(r, 16, 128, 512) for r in (1, 3, 4)] == [1, 3, 4]
+    assert len({bucket_rows(r, 256, 128, 128) for r in range(1, 257)}) == 8
+
+
+def test_packed_batch_holds_every_sample_as_it_was():
+    lengths = [128, 40, 30, 50, 100, 7, 20, 64]  # rows: [128], [100, 20, 7], [64, 50], [40, 30]
+    batch = samples(lengths, 128, 20)
+    packed = Packer(seq_len=128, pack_len=128, micro_batch=8, pad_id=PAD).pack(batch)
+    assert packed["input_ids"].shape == (4, 128)
+    flat = {k: packed[k].reshape(-1) for k in ("input_ids", "token_type_ids", "position_ids", "sample_ids")}
+    assert (flat["sample_ids"] >= 0).sum() == sum(lengths)
+    for i, n in enumerate(lengths):
+        at = (flat["sample_ids"] == i).nonzero().squeeze(1)
+        assert at.tolist() == list(range(int(packed["cls_positions"][i]), int(packed["cls_positions"][i]) + n))
+        assert torch.equal(flat["input_ids"][at], batch["input_ids"][i, :n])
+        assert torch.equal(flat["token_type_ids"][at], batch["token_type_ids"][i, :n])
+        assert flat["position_ids"][at].tolist() == list(range(n))
+        assert flat["input_ids"][packed["cls_positions"][i]] == CLS
+        # the masked positions point at the same tokens
+        assert torch.equal(flat["input_ids"][packed["masked_lm_positions"][i]],
+                           batch["input_ids"][i][batch["masked_lm_positions"][i]])
+    assert [(flat["sample_ids"].view(4, 128)[r] >= 0).sum().item() for r in range(4)] == [128, 127, 114, 70]
+    for key in ("masked_lm_labels", "next_sentence_label"):
+        assert torch.equal(packed[key], batch[key])
+    assert packed["sample_lengths"].tolist() == lengths
+    padding = flat["sample_ids"] < 0
+    assert (flat["input_ids"][padding] == PAD).all() and (flat["position_ids"][padding] == 0).all()
+    # the same micro-batch packs the same way: a resumed run repeats its batches
+    again = Packer(seq_len=128, pack_len=128, micro_batch=8, pad_id=PAD).pack(samples(lengths, 128, 20))
+    assert all(torch.equal(packed[k], again[k]) for k in packed)
+
+
+def test_bucket_padding_rows_hold_nothing():
+    lengths = [100] * 5 + [20] * 5  # 5 rows of 120, rounded up to 6 (steps of 2 for 10 samples)
+    packed = Packer(seq_len=128, pack_len=128, micro_batch=10).pack(samples(lengths, 128, 20))
+    assert packed["input_ids"].shape == (6, 128)
+    assert (packed["sample_ids"][5] == -1).all()
+    assert fill_rate(lengths, 10, 128, 128) == pytest.approx(sum(lengths) / (6 * 128))
+    assert fill_rate(lengths, 10, 128, None) == pytest.approx(sum(lengths) / (10 * 128))
