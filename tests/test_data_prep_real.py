@@ -45,7 +45,7 @@ def test_real_wiki_and_books(tmp_path, shared_data):
     st = ReadStats()
     docs = [d for u in units[:2] for d in iter_documents(u, st)]
     assert len(docs) + st.short_documents == blocks
-    assert st.short_documents > 0.4 * blocks  # the README: ~64% are title-only stubs
+    assert st.short_documents > 0.4 * blocks  # the data's README: ~64% are title-only stubs
     assert not any(re.search(r"&(amp|quot|lt|gt);", p) for d in docs for p in d)
     titles = re.findall(r'<doc [^>]*title="([^"]*)"', wiki[0].read_text())
     assert all(d[0] != t for d, t in zip(docs, titles))

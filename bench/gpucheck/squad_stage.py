@@ -12,7 +12,7 @@ from pathlib import Path
 from bench.gpucheck.common import REPO
 from bench.gpucheck.procs import run_captured
 
-SQUAD_RECORD = REPO / "docs" / "squad" / "accuracy_2026-11-27.json"  # the CPU accuracy run (README)
+SQUAD_RECORD = REPO / "docs" / "squad" / "accuracy_2026-11-27.json"  # the CPU accuracy run (docs/finetune.md)
 SHARED_SQUAD = REPO.parent / "shared" / "data" / "squad"
 TRAIN_SLICE, DEV_SLICE = "train-v1.1-articles-00-43.json", "dev-v1.1-articles-00-23.json"
 
