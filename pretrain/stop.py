@@ -12,7 +12,14 @@ How launchers deliver them, and what this module does about each:
 * SIGTERM to the ``deepspeed`` runner (or ``mpiexec``) alone ends that process and leaves the
   ranks running: each rank watches the launcher processes above it and treats the death of one
   as a stop request (:meth:`StopRequest.poll`);
-* Slurm's ``--signal=USR1@SECONDS`` sends SIGUSR1 ahead of the time limit: also a stop request.
+* Slurm: ``--signal=USR1@SECONDS`` sends SIGUSR1 ahead of the time limit (``B:USR1`` to the batch
+  shell only, which ``slurm/pretrain.sbatch`` forwards to the steps), and a cancel, a time limit
+  or a preemption sends SIGTERM to every task, then SIGKILL after ``KillWait`` (``GraceTime``):
+  both are stop requests. ``srun`` itself forwards SIGUSR1 and SIGINT to its tasks but answers
+  SIGTERM with SIGKILL to every task ("forcing job termination"): stop a step with ``scancel
+  --signal=TERM JOBID`` (the tasks), never ``kill -TERM`` of ``srun`` or ``scancel --full``. A
+  task's parent is ``slurmstepd`` (``srun`` runs elsewhere, no ancestor of any rank): should it
+  die, the orphaned rank stops and saves.
 
 Every rank saves at the same step: the request is agreed through the step's flags collective
 (``pretrain.steps``).
@@ -27,9 +34,9 @@ from typing import Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # Command-line fragments of the processes that start ranks: deepspeed's runner and launch.py,
-# torchrun, MPICH/Open MPI launchers and their per-node proxies.
+# torchrun, MPICH/Open MPI launchers and their per-node proxies, Slurm's step daemon.
 LAUNCHER_MARKS = (b"deepspeed", b"mpiexec", b"mpirun", b"hydra_pmi_proxy", b"orted", b"prterun", b"prted",
-                  b"torch.distributed.run", b"torchrun")
+                  b"torch.distributed.run", b"torchrun", b"slurmstepd")
 
 
 def ignore_in_worker(_worker_id: int = 0) -> None:
