@@ -55,11 +55,15 @@ def test_ffd_places_every_sample_once_longest_first():
 
 
 def test_row_counts_come_in_few_buckets():
-    # 16 samples of <= 128 tokens in rows of 128: up to 16 rows, counted in steps of 2 (8 shapes)
-    assert max_rows(16, 128, 128) == 16 and [bucket_rows(r, 16, 128, 128) for r in (1, 2, 3, 15, 16)] == [2, 2, 4, 16, 16]
+    # 16 samples of <= 128 tokens in rows of 128: up to 16 rows; 8 buckets count them in steps of 2
+    assert max_rows(16, 128, 128) == 16
+    assert [bucket_rows(r, 16, 128, 128, buckets=8) for r in (1, 2, 3, 15, 16)] == [2, 2, 4, 16, 16]
     # rows of 512 take at least 4 such samples each: up to 4 rows, every count its own shape
-    assert max_rows(16, 128, 512) == 4 and [bucket_rows(r, 16, 128, 512) for r in (1, 3, 4)] == [1, 3, 4]
-    assert len({bucket_rows(r, 256, 128, 128) for r in range(1, 257)}) == 8
+    assert max_rows(16, 128, 512) == 4 and [bucket_rows(r, 16, 128, 512, buckets=8) for r in (1, 3, 4)] == [1, 3, 4]
+    assert len({bucket_rows(r, 256, 128, 128, buckets=8) for r in range(1, 257)}) == 8
+    assert len({bucket_rows(r, 256, 128, 128) for r in range(1, 257)}) == 32  # the default
+    # rows of 200 hold one sample of <= 128 each: a pack_len not a multiple of seq_len
+    assert max_rows(16, 128, 200) == 16 and max_rows(16, 128, 256) == 8
 
 
 def test_packed_batch_holds_every_sample_as_it_was():
@@ -92,8 +96,9 @@ def test_packed_batch_holds_every_sample_as_it_was():
 
 def test_bucket_padding_rows_hold_nothing():
     lengths = [100] * 5 + [20] * 5  # 5 rows of 120, rounded up to 6 (steps of 2 for 10 samples)
-    packed = Packer(seq_len=128, pack_len=128, micro_batch=10).pack(samples(lengths, 128, 20))
+    packed = Packer(seq_len=128, pack_len=128, micro_batch=10, buckets=5).pack(samples(lengths, 128, 20))
     assert packed["input_ids"].shape == (6, 128)
     assert (packed["sample_ids"][5] == -1).all()
-    assert fill_rate(lengths, 10, 128, 128) == pytest.approx(sum(lengths) / (6 * 128))
+    assert fill_rate(lengths, 10, 128, 128, buckets=5) == pytest.approx(sum(lengths) / (6 * 128))
+    assert fill_rate(lengths, 10, 128, 128) == pytest.approx(sum(lengths) / (5 * 128))
     assert fill_rate(lengths, 10, 128, None) == pytest.approx(sum(lengths) / (10 * 128))
