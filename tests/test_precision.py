@@ -24,17 +24,28 @@ class FakeAccelerator:
 SHIPPED = {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16}}
 
 
-@pytest.mark.parametrize("acc,want", [
-    (FakeAccelerator("cuda", bf16=True), "bf16"),     # A100, H100
-    (FakeAccelerator("cuda", bf16=False), "fp16"),    # V100, T4
-    (FakeAccelerator("cuda", bf16=False, fp16=False), "fp32"),
+# A FakeAccelerator says what torch.cuda.is_bf16_supported() says: True on every GPU since torch
+# counts emulation. The compute capability decides for CUDA devices.
+@pytest.mark.parametrize("acc,capability,want", [
+    (FakeAccelerator("cuda", bf16=True), (8, 0), "bf16"),   # A100
+    (FakeAccelerator("cuda", bf16=True), (9, 0), "bf16"),   # H100, H200
+    (FakeAccelerator("cuda", bf16=True), (7, 0), "fp16"),   # V100: bf16 only emulated
+    (FakeAccelerator("cuda", bf16=True), (7, 5), "fp16"),   # T4
+    (FakeAccelerator("cuda", bf16=False, fp16=False), (6, 0), "fp32"),
 ])
-def test_auto_on_gpus(acc, want):
+def test_auto_on_gpus(acc, capability, want):
     cfg = {k: dict(v) for k, v in SHIPPED.items()}
-    assert resolve_precision(cfg, acc) == want
+    assert resolve_precision(cfg, acc, capability=capability) == want
     assert cfg["bf16"]["enabled"] is (want == "bf16") and cfg["fp16"]["enabled"] is (want == "fp16")
     assert precision_of(cfg) == want  # what fine-tuning's results and bench/ report for the resolved config
     assert cfg["fp16"]["initial_scale_power"] == 16  # the block's own loss-scaling settings stay
+
+
+@pytest.mark.parametrize("bf16,want", [(True, "bf16"), (False, "fp16")])
+def test_auto_on_other_accelerators_keeps_their_answer(bf16, want):
+    # no compute capability (ROCm reports none that means bf16; XPU, HPU, ...): the accelerator's word
+    cfg = {k: dict(v) for k, v in SHIPPED.items()}
+    assert resolve_precision(cfg, FakeAccelerator("xpu", bf16=bf16)) == want
 
 
 def test_auto_on_a_cpu_follows_its_bf16_instructions(monkeypatch):
@@ -48,7 +59,7 @@ def test_auto_on_a_cpu_follows_its_bf16_instructions(monkeypatch):
 
 def test_auto_in_one_block_alone_adds_fp16_defaults():
     cfg = {"bf16": {"enabled": "auto"}}
-    assert resolve_precision(cfg, FakeAccelerator("cuda", bf16=False)) == "fp16"
+    assert resolve_precision(cfg, FakeAccelerator("cuda", bf16=True), capability=(7, 0)) == "fp16"
     assert cfg["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                            "hysteresis": 2, "min_loss_scale": 1}
     assert cfg["bf16"]["enabled"] is False
