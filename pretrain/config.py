@@ -21,6 +21,7 @@ from typing import Any, Optional
 # correction from t = 1, as NVIDIA's phase 2), "keep_step" the moments and the step count, or
 # "reset" both (a fresh optimizer; any world size).
 KNOWN_PHASE_STATE = ("keep", "keep_step", "reset")
+PACKING_MODES = ("off", "ffd")  # pretrain.packing: padded rows, or first-fit-decreasing packed rows
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,13 @@ class PretrainConfig:
     peak_tflops: Optional[float] = None   # accelerator peak for MFU (default: pretrain.metrics.PEAK_TFLOPS)
     compile: str = "off"                  # torch.compile the model: "off", "default" (the accelerator's
                                           # backend: inductor on GPUs) or a backend name ("aot_eager", ...)
+    packing: str = "off"                  # "ffd": several samples per row of pack_len positions, attention
+                                          # confined to each sample (pretrain/packing.py); the same math,
+                                          # fewer padding positions. Micro/global batches stay in samples
+    pack_len: Optional[int] = None        # positions per packed row (default seq_len); e.g. 2 x seq_len
+                                          # fits more short samples together, at more attention per row
+    pack_buckets: int = 32                # packed row counts per micro-batch are rounded up to at most
+                                          # this many sizes (shapes a compiled model sees)
     extra: dict = field(default_factory=dict, repr=False)
 
     def validate(self, source: str) -> None:
@@ -77,6 +85,12 @@ class PretrainConfig:
             raise bad("peak_tflops", f"must be a positive number, got {self.peak_tflops!r}")
         if not isinstance(self.compile, str) or not self.compile:
             raise bad("compile", f"must be \"off\", \"default\" or a torch.compile backend name, got {self.compile!r}")
+        if self.packing not in PACKING_MODES:
+            raise bad("packing", f"must be one of {PACKING_MODES}, got {self.packing!r}")
+        if self.pack_len is not None and (not isinstance(self.pack_len, int) or self.pack_len < self.seq_len):
+            raise bad("pack_len", f"must be an integer >= seq_len ({self.seq_len}), got {self.pack_len!r}")
+        if not isinstance(self.pack_buckets, int) or self.pack_buckets <= 0:
+            raise bad("pack_buckets", f"must be a positive integer, got {self.pack_buckets!r}")
         if self.init_optimizer_state not in KNOWN_PHASE_STATE:
             raise bad("init_optimizer_state", f"must be one of {KNOWN_PHASE_STATE}, got {self.init_optimizer_state!r}")
         if self.max_predictions > self.seq_len:

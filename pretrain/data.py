@@ -7,7 +7,9 @@ are never trained on either way). Data built before the split existed has none: 
 ``validation_shards`` shards are held out, with a warning that their documents also feed
 training samples. The rest is read through :class:`data_prep.DistributedPretrainingSampler`, so
 each rank trains on its own equal slice in a seeded order and a checkpoint can record the exact
-position to resume from.
+position to resume from. With ``pretrain.packing: ffd`` the DataLoader workers lay each
+micro-batch out in packed rows (:class:`pretrain.packing.Packer`); the sampler, its position and
+the micro-batch (in samples) are the same either way. The held-out evaluation stays padded.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader
 from data_prep import DistributedPretrainingSampler, PretrainingDataset
 
 from .config import ConfigError, PretrainConfig
+from .packing import Packer
 from .stop import ignore_in_worker
 
 
@@ -97,13 +100,22 @@ def datasets(info: DataInfo, cfg: PretrainConfig) -> tuple[PretrainingDataset, O
     return train, val
 
 
+def packer(cfg: PretrainConfig, dataset: PretrainingDataset, micro_batch: int) -> Optional[Packer]:
+    """The ``collate_fn`` that packs micro-batches (``pretrain.packing``), or None: padded rows."""
+    if cfg.packing == "off":
+        return None
+    return Packer(seq_len=cfg.seq_len, pack_len=cfg.pack_len or cfg.seq_len, micro_batch=micro_batch,
+                  pad_id=dataset.pad_id, buckets=cfg.pack_buckets)
+
+
 class TrainStream:
     """Endless micro-batches for one rank, epoch after epoch, with a resumable position."""
 
     def __init__(self, dataset: PretrainingDataset, micro_batch: int, world: int, rank: int, seed: int,
-                 num_workers: int, pin_memory: bool = False) -> None:
+                 num_workers: int, pin_memory: bool = False, collate_fn: Optional[Callable] = None) -> None:
         self.dataset, self.micro_batch, self.num_workers = dataset, micro_batch, num_workers
         self.pin_memory = pin_memory  # page-locked batches: the copy to a GPU overlaps compute
+        self.collate_fn = collate_fn  # runs in the workers: a Packer packs there, off the training step
         self.sampler = DistributedPretrainingSampler(dataset, world, rank, seed=seed)
         if self.sampler.per_rank < micro_batch:
             raise ConfigError(f"{dataset.path}: {len(dataset)} training samples give each of {world} ranks "
@@ -130,6 +142,7 @@ class TrainStream:
         loader = DataLoader(self.dataset, batch_size=self.micro_batch, sampler=self.sampler, drop_last=True,
                             num_workers=self.num_workers, persistent_workers=False,
                             prefetch_factor=4 if self.num_workers else None, pin_memory=self.pin_memory,
+                            collate_fn=self.collate_fn,
                             worker_init_fn=ignore_in_worker,  # a stop signal is the rank's to handle
                             # its own generator: creating an iterator must not draw from the global
                             # RNG (dropout), or a resumed run would not repeat the same masks
@@ -160,6 +173,12 @@ class TrainStream:
     @property
     def epoch(self) -> int:
         return self.sampler.epoch
+
+    def upcoming_lengths(self, samples: int) -> list[int]:
+        """Real tokens of (up to) the next ``samples`` samples of this epoch, in training order,
+        read from the shards without drawing a batch (the start line's fill estimate)."""
+        idx = self.sampler.indices()[self.consumed:self.consumed + samples]
+        return [len(self.dataset.raw(int(i))["tokens"]) for i in idx]
 
 
 def validation_batches(dataset: PretrainingDataset, micro_batch: int, samples: int, world: int, rank: int):

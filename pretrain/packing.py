@@ -38,7 +38,6 @@ from typing import Sequence
 
 import torch
 
-PACKING_MODES = ("off", "ffd")
 BUCKETS = 32  # default most distinct row counts per (micro-batch, pack_len): few shapes for a compiled model
 
 
@@ -154,4 +153,4 @@ def fill_rate(lengths: Sequence[int], micro_batch: int, seq_len: int, pack_len: 
     return tokens / positions if positions else float("nan")
 
 
-__all__ = ["BUCKETS", "PACKING_MODES", "Packer", "bucket_rows", "fill_rate", "first_fit_decreasing", "max_rows"]
+__all__ = ["BUCKETS", "Packer", "bucket_rows", "fill_rate", "first_fit_decreasing", "max_rows"]

@@ -26,7 +26,7 @@ def samples(lengths: list[int], seq_len: int, predictions: int, seed: int = 0) -
         batch["input_ids"][i, [0, a - 1, n - 1]] = torch.tensor([CLS, SEP, SEP])
         batch["token_type_ids"][i, a:n] = 1
         batch["attention_mask"][i, :n] = 1
-        k = min(predictions, max(1, n * 15 // 100) - i % 2)  # some samples leave slots empty
+        k = min(predictions, max(1, n * 15 // 100 - i % 2))  # some samples leave slots empty
         pos = torch.randperm(n - 2, generator=g)[:k] + 1
         batch["masked_lm_positions"][i, :k] = pos
         batch["masked_lm_labels"][i, :k] = torch.randint(5, VOCAB, (k,), generator=g)
@@ -102,3 +102,52 @@ def test_bucket_padding_rows_hold_nothing():
     assert fill_rate(lengths, 10, 128, 128, buckets=5) == pytest.approx(sum(lengths) / (6 * 128))
     assert fill_rate(lengths, 10, 128, 128) == pytest.approx(sum(lengths) / (5 * 128))
     assert fill_rate(lengths, 10, 128, None) == pytest.approx(sum(lengths) / (10 * 128))
+
+
+
+@pytest.mark.parametrize("block,message", [
+    ({"packing": "histogram"}, "pretrain.packing must be one of ('off', 'ffd'), got 'histogram'"),
+    ({"packing": "ffd", "pack_len": 64}, "pretrain.pack_len must be an integer >= seq_len (128), got 64"),
+    ({"packing": "ffd", "pack_buckets": 0}, "pretrain.pack_buckets must be a positive integer, got 0"),
+])
+def test_packing_settings_are_checked(tmp_path, block, message):
+    import json
+    import re
+
+    from pretrain import config as config_mod
+
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"train_batch_size": 8, "pretrain": {"data": "d/seq128", **block}}))
+    with pytest.raises(config_mod.ConfigError, match=re.escape(f"cfg.json: {message}") + "$"):
+        config_mod.load(path)
+    path.write_text(json.dumps({"train_batch_size": 8, "pretrain": {"data": "d/seq128", "packing": "ffd",
+                                                                    "pack_len": 512}}))
+    _, cfg = config_mod.load(path)
+    assert (cfg.packing, cfg.pack_len, cfg.pack_buckets) == ("ffd", 512, 32)
+
+
+def test_the_stream_packs_in_its_workers_and_resumes_where_it_stopped(pretrain_work):
+    """Packed micro-batches (built in a DataLoader worker) hold the samples of the padded stream
+    in the same order; a stream restored from a state taken after two batches gives the third."""
+    from data_prep import PretrainingDataset
+    from pretrain.data import TrainStream
+
+    data = PretrainingDataset(pretrain_work / "data" / "seq128", seed=3)
+    packer = Packer(seq_len=128, pack_len=256, micro_batch=8, pad_id=data.pad_id)
+    padded = TrainStream(data, 8, world=1, rank=0, seed=3, num_workers=0)
+    packed = TrainStream(data, 8, world=1, rank=0, seed=3, num_workers=1, collate_fn=packer)
+    lengths = padded.upcoming_lengths(24)
+    batches = [(padded.next(), packed.next()) for _ in range(3)]
+    for k, (a, b) in enumerate(batches):
+        assert torch.equal(b["sample_ids"], packer.pack(a)["sample_ids"])
+        assert b["sample_lengths"].tolist() == lengths[8 * k:8 * k + 8] == a["attention_mask"].sum(1).tolist()
+        flat = b["input_ids"].reshape(-1)
+        for i in range(8):
+            n, start = int(b["sample_lengths"][i]), int(b["cls_positions"][i])
+            assert torch.equal(flat[start:start + n], a["input_ids"][i, :n])
+    state = packed.state_dict()
+    assert state["start_index"] == 24
+    resumed = TrainStream(data, 8, world=1, rank=0, seed=3, num_workers=1, collate_fn=packer)
+    resumed.load_state_dict(dict(state, start_index=16))
+    third = resumed.next()
+    assert all(torch.equal(third[k], batches[2][1][k]) for k in third)
