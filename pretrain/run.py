@@ -37,6 +37,7 @@ from data_prep.atomic import write_json  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
 from pretrain import config as config_mod  # noqa: E402
 from pretrain import data as data_mod  # noqa: E402
+from pretrain import outdir  # noqa: E402
 from pretrain.distributed import init_distributed  # noqa: E402
 from pretrain.gns import NoiseScale  # noqa: E402
 from pretrain.metrics import MetricsLogger, device_name, peak_memory_gib, peak_tflops  # noqa: E402
@@ -90,6 +91,9 @@ def fingerprint(ds_cfg: dict, cfg, manifest: dict) -> dict:
 def check_output(args, cfg, ds_cfg: dict, manifest: dict) -> bool:
     """Whether this launch resumes; refuses, before any process group or output exists, a run
     over existing checkpoints without --resume, and a --resume with changed settings."""
+    busy = outdir.holder(Path(cfg.output))  # another run writes there now (rank 0 locks it below)
+    if busy:
+        raise config_mod.ConfigError(outdir.busy_message(cfg.output, busy))
     ckpt_dir = Path(cfg.output) / "checkpoints"
     present = checkpoint.checkpoint_dirs(ckpt_dir)
     existing = checkpoint.latest_tag(ckpt_dir)
@@ -252,6 +256,7 @@ def main(argv=None) -> int:
     compile_engine(engine, cfg.compile)
 
     device = engine.device
+    outdir.hold(output, rank, device)  # one run per output, before anything is written there: exit 2 if held
     train_ds, val_ds = data_mod.datasets(info, cfg)
     stream = data_mod.TrainStream(train_ds, micro, world, rank, cfg.seed, cfg.num_workers,
                                   pin_memory=device.type != "cpu")
