@@ -6,8 +6,10 @@
 #   ./launch.sh test [PYTEST_ARGS]    install the test requirements and run the suite (what CI runs)
 #   ./launch.sh prep ARGS             python -m data_prep ARGS  (vocab | build | inspect | embedded-corpus)
 #   ./launch.sh pretrain [--phase 1|2|both] [--config1 CFG] [--config2 CFG] [--data-dir DIR]
-#                        [--output-dir DIR] [--np N] [--hostfile H] [--launcher deepspeed|mpi]
+#                        [--output-dir DIR] [--np N] [--hostfile H] [--launcher deepspeed|mpi|slurm]
 #                        [RUN_ARGS]   phase 1, phase 2 or both chained (run.py flags pass through)
+#                        --launcher slurm: each phase is an srun step (inside sbatch/salloc; see
+#                        slurm/pretrain.sbatch); a phase stopped before its last step exits 75
 #   ./launch.sh squad ARGS            python finetune/squad.py ARGS  (--np N: DeepSpeed processes)
 #   ./launch.sh export CKPT OUT       python -m pretrain.export CKPT OUT
 #   ./launch.sh bench NAME [ARGS]     python bench/NAME.py ARGS  (optim_step, data_prep, squad, ...)
@@ -18,6 +20,10 @@
 # SQUAD_DIR (demo: a directory with train-v1.1*.json and dev-v1.1*.json files), LAUNCH_DRY_RUN=1
 # (print the commands pretrain/squad would run instead of running them).
 set -euo pipefail
+
+# Exit status of `pretrain --launcher slurm` when a phase stopped on request (a signal) before its
+# last step: its checkpoint is saved and a rerun with --resume continues (EX_TEMPFAIL, "try again").
+STOPPED_EXIT=75
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
@@ -82,6 +88,12 @@ launcher() {
         # MPICH's flag; OpenMPI's mpirun takes --hostfile (set MPI_HOSTFILE_FLAG=--hostfile)
         [[ -n "$hostfile" ]] && args+=("${MPI_HOSTFILE_FLAG:--f}" "$hostfile")
         printf '%s\n' "${args[@]}" "$VENV/bin/python"
+    elif [[ "$kind" == slurm ]]; then
+        # One task per rank; the allocation (sbatch/salloc) decides nodes and GPUs. A rank that
+        # fails ends the step instead of leaving the others waiting in a collective.
+        local args=(srun)
+        [[ -n "$np" ]] && args+=(--ntasks "$np")
+        printf '%s\n' "${args[@]}" --kill-on-bad-exit=1 "$VENV/bin/python"
     else
         local args=("$VENV/bin/python" -m deepspeed.launcher.runner)
         if [[ -n "$hostfile" ]]; then
@@ -143,19 +155,75 @@ cmd_pretrain() {
         esac
     done
     [[ "$phase" =~ ^(1|2|both)$ ]] || die "--phase must be 1, 2 or both (got '$phase')"
-    [[ "$kind" =~ ^(deepspeed|mpi)$ ]] || die "--launcher must be deepspeed or mpi (got '$kind')"
+    [[ "$kind" =~ ^(deepspeed|mpi|slurm)$ ]] || die "--launcher must be deepspeed, mpi or slurm (got '$kind')"
     [[ "$kind" == mpi && -z "$np" ]] && die "--launcher mpi needs --np N (total processes)"
+    [[ "$kind" == slurm && -n "$hostfile" ]] && die "--hostfile does not apply to --launcher slurm (the allocation decides the nodes)"
     mapfile -t pre < <(launcher "$np" "$hostfile" "$kind")
-    local p1=() p2=()
+    local p1=() p2=() out1="" out2=""
     [[ -n "$data_dir" ]] && p1+=(--data "$data_dir/seq128") && p2+=(--data "$data_dir/seq512")
     [[ -n "$output_dir" ]] && p1+=(--output "$output_dir/phase1") && p2+=(--output "$output_dir/phase2" --init-checkpoint "$output_dir/phase1")
+    if [[ "$kind" == slurm ]]; then
+        # A phase's output must be known to tell a finished phase from a stopped one.
+        out1="$(flag_value --output "${p1[@]}" "${rest[@]}")" out2="$(flag_value --output "${p2[@]}" "${rest[@]}")"
+        [[ -n "$out1" ]] || die "--launcher slurm needs --output-dir DIR (or --output): a requeued job resumes from there"
+        # srun answers the SIGUSR1 a batch script forwards by passing it to the ranks, SIGTERM by
+        # killing them: this shell must outlive both and report how the step ended.
+        trap 'log "stop signal received: the ranks save at the next step boundary"' USR1 TERM
+    fi
     if [[ "$phase" == 1 || "$phase" == both ]]; then
-        log "phase 1: $config1"
-        run "${pre[@]}" pretrain/run.py --config "$config1" "${p1[@]}" "${rest[@]}"
+        pretrain_phase 1 "$config1" "$kind" "$out1" "${pre[@]}" pretrain/run.py --config "$config1" "${p1[@]}" "${rest[@]}"
     fi
     if [[ "$phase" == 2 || "$phase" == both ]]; then
-        log "phase 2: $config2"
-        run "${pre[@]}" pretrain/run.py --config "$config2" "${p2[@]}" "${rest[@]}"
+        pretrain_phase 2 "$config2" "$kind" "$out2" "${pre[@]}" pretrain/run.py --config "$config2" "${p2[@]}" "${rest[@]}"
+    fi
+}
+
+# flag_value FLAG ARGS...: the value after the last FLAG in ARGS (empty when absent).
+flag_value() {
+    local flag="$1" value=""; shift
+    while [[ $# -gt 0 ]]; do
+        [[ "$1" == "$flag" && $# -gt 1 ]] && value="$2"
+        shift
+    done
+    printf '%s' "$value"
+}
+
+# phase_finished OUT: OUT's newest complete checkpoint is its run's last step (max_steps as that
+# run saved it in model_config.json).
+phase_finished() {
+    py - "$1" <<'PY'
+import json, sys
+from pathlib import Path
+from pretrain import checkpoint
+ckpt = Path(sys.argv[1]) / "checkpoints"
+tag = checkpoint.latest_tag(ckpt)
+meta = json.loads((ckpt / tag / "model_config.json").read_text()) if tag else {}
+sys.exit(0 if tag and checkpoint.step_of(tag) >= meta["pretrain"]["max_steps"] else 1)
+PY
+}
+
+# pretrain_phase N CONFIG KIND OUT CMD...: run one phase. Under Slurm a phase whose output is
+# finished is skipped (a requeued job does not start it again), and one that returned before its
+# last step stopped on request: the next phase must not start from it, so exit STOPPED_EXIT.
+pretrain_phase() {
+    local n="$1" config="$2" kind="$3" out="$4"; shift 4
+    local dry=0
+    [[ "${LAUNCH_DRY_RUN:-0}" == 1 ]] && dry=1
+    if [[ "$kind" == slurm && $dry == 0 ]] && phase_finished "$out"; then
+        log "phase $n: $out is finished already, skipping"
+        return 0
+    fi
+    log "phase $n: $config"
+    if [[ "$kind" != slurm ]]; then
+        run "$@"
+        return
+    fi
+    local rc=0
+    run "$@" || rc=$?
+    [[ $rc == 0 ]] || exit "$rc"
+    if [[ $dry == 0 ]] && ! phase_finished "$out"; then
+        log "phase $n stopped before its last step; its checkpoint in $out continues with --resume (exit $STOPPED_EXIT)"
+        exit "$STOPPED_EXIT"
     fi
 }
 

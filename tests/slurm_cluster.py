@@ -137,7 +137,7 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         return subprocess.run([_which(name), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def job(self, job_id: str) -> dict[str, str]:
-        """``scontrol show job`` as KEY -> value (JobState, RestartCnt, ExitCode, BatchFlag, ...)."""
+        """``scontrol show job`` as KEY -> value (JobState, Restarts, ExitCode, Reason, ...)."""
         text = self.command("scontrol", "show", "job", "-o", job_id).stdout
         return dict(re.findall(r"(\w+)=(\S*)", text))
 

@@ -46,10 +46,26 @@ def test_pretrain_phase2_with_hostfile_uses_deepspeed_launcher():
                                         "--config", "my.json", "--resume"]
 
 
+def test_pretrain_under_slurm_runs_each_phase_as_an_srun_step():
+    proc = launch("pretrain", "--launcher", "slurm", "--np", "16", "--data-dir", "D", "--output-dir", "O",
+                  "--resume")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.strip() for line in proc.stdout.strip().splitlines()]
+    assert len(lines) == 2
+    assert re.fullmatch(r"srun --ntasks 16 --kill-on-bad-exit=1 \S*python pretrain/run.py --config "
+                        r"ds_configs/lamb_64k.json --data D/seq128 --output O/phase1 --resume", lines[0])
+    assert lines[1].endswith("--output O/phase2 --init-checkpoint O/phase1 --resume")
+    # without --np the allocation's task count decides
+    proc = launch("pretrain", "--launcher", "slurm", "--phase", "2", "--output", "run2")
+    assert proc.stdout.startswith("srun --kill-on-bad-exit=1 "), proc.stderr
+
+
 @pytest.mark.parametrize("args,msg", [
     (("--phase", "3"), "--phase must be 1, 2 or both"),
-    (("--launcher", "slurm"), "--launcher must be deepspeed or mpi"),
+    (("--launcher", "pbs"), "--launcher must be deepspeed, mpi or slurm (got 'pbs')"),
     (("--launcher", "mpi"), "--launcher mpi needs --np N"),
+    (("--launcher", "slurm", "--hostfile", "h", "--output-dir", "O"), "--hostfile does not apply to --launcher slurm"),
+    (("--launcher", "slurm"), "--launcher slurm needs --output-dir DIR (or --output)"),
 ])
 def test_pretrain_bad_arguments(args, msg):
     proc = launch("pretrain", *args)
