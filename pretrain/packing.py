@@ -109,14 +109,16 @@ class Packer:
         """Pack a padded batch (the keys of ``data_prep.PretrainingDataset`` items, stacked)."""
         real = batch["attention_mask"].bool()                    # (M, L): a prefix of each row
         lengths = real.sum(1)
-        rows = first_fit_decreasing(lengths.tolist(), self.pack_len)
+        n = lengths.tolist()
+        rows = first_fit_decreasing(n, self.pack_len)
         n_rows = bucket_rows(len(rows), self.micro_batch, self.seq_len, self.pack_len, self.buckets)
-        start = torch.empty_like(lengths)                         # flat index of each sample's [CLS]
+        first = [0] * len(n)                                      # flat index of each sample's [CLS]
         for r, members in enumerate(rows):
             offset = r * self.pack_len
             for i in members:
-                start[i] = offset
-                offset += int(lengths[i])
+                first[i] = offset
+                offset += n[i]
+        start = torch.tensor(first, dtype=torch.int64)
         m, seq = real.shape
         dest = (start[:, None] + torch.arange(seq))[real]         # flat index of every real token
         size = n_rows * self.pack_len
