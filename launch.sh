@@ -189,17 +189,26 @@ flag_value() {
 }
 
 # phase_finished OUT: OUT's newest complete checkpoint is its run's last step (max_steps as that
-# run saved it in model_config.json).
+# run saved it in model_config.json): status 0, 1 when it is not; a checkpoint that cannot be read
+# stops here (exit 2) rather than start the next phase or requeue a job that would fail the same way.
 phase_finished() {
-    py - "$1" <<'PY'
+    local rc=0
+    py - "$1" <<'PY' || rc=$?
 import json, sys
 from pathlib import Path
-from pretrain import checkpoint
 ckpt = Path(sys.argv[1]) / "checkpoints"
-tag = checkpoint.latest_tag(ckpt)
-meta = json.loads((ckpt / tag / "model_config.json").read_text()) if tag else {}
-sys.exit(0 if tag and checkpoint.step_of(tag) >= meta["pretrain"]["max_steps"] else 1)
+try:
+    from pretrain import checkpoint
+    tag = checkpoint.latest_tag(ckpt)
+    done = tag is not None and checkpoint.step_of(tag) >= \
+        json.loads((ckpt / tag / "model_config.json").read_text())["pretrain"]["max_steps"]
+except Exception as exc:  # noqa: BLE001 - whatever it is, the shell reports it in one line
+    print(f"[launch] cannot tell whether {ckpt} is finished: {type(exc).__name__}: {exc}", file=sys.stderr)
+    sys.exit(3)
+sys.exit(0 if done else 1)
 PY
+    [[ $rc -le 1 ]] || die "phase output $1: see the line above"
+    return "$rc"
 }
 
 # pretrain_phase N CONFIG KIND OUT CMD...: run one phase. Under Slurm a phase whose output is

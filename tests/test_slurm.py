@@ -166,17 +166,6 @@ def test_a_cancelled_srun_job_saves_within_kill_wait_and_resumes_equal(slurm, ph
     assert losses(work / out) == losses(work / "straight")  # every step, bitwise
 
 
-def phase1_flags() -> list[str]:
-    """PHASE1 without --config and --data, which launch.sh takes as --config1 and --data-dir."""
-    flags, skip = [], False
-    for i, arg in enumerate(PHASE1):
-        if skip or arg in ("--config", "--data"):
-            skip = not skip
-            continue
-        flags.append(arg)
-    return flags
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_the_sbatch_template_saves_requeues_itself_and_finishes(slurm, phase1):
@@ -186,12 +175,13 @@ def test_the_sbatch_template_saves_requeues_itself_and_finishes(slurm, phase1):
     job, and the requeued job resumes and ends where the uninterrupted run did."""
     work = phase1
     log = work / "sbatch.log"
+    assert PHASE1[0] == "--config" and PHASE1[2] == "--data"  # launch.sh's --config1 and --data-dir
     job_environment = dict(job_env(slurm), VENV=str(Path(sys.executable).parent.parent))
     submit = subprocess.run(
         ["sbatch", "--parsable", "--job-name=sbatch-test", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2",
          "--cpus-per-task=1", "--gpus-per-node=0", "--time=10", f"--output={log}",
          str(ROOT / "slurm" / "pretrain.sbatch"), "--phase", "1", "--config1", PHASE1[1],
-         "--data-dir", str(work / "data"), "--output-dir", str(work / "sbatch"), *phase1_flags()],
+         "--data-dir", str(work / "data"), "--output-dir", str(work / "sbatch"), *PHASE1[4:]],
         cwd=ROOT, env=job_environment, capture_output=True, text=True, timeout=60)
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
@@ -212,3 +202,9 @@ def test_the_sbatch_template_saves_requeues_itself_and_finishes(slurm, phase1):
     assert "requeueing job" in text and re.search(r"job \d+ on \S+, start 2,", text), text[-4000:]
     assert f"resumed from step{reached:07d}" in text and f"pretrain: done, {STEPS} steps" in text, text[-4000:]
     assert losses(run_dir) == losses(work / "straight")
+
+    # a job requeued once more (or resubmitted) does not start the finished phase again
+    again = subprocess.run([str(ROOT / "launch.sh"), "pretrain", "--launcher", "slurm", "--phase", "1", "--output-dir",
+                            str(work / "sbatch"), "--resume"], cwd=ROOT, env=job_environment, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and f"phase 1: {run_dir} is finished already, skipping" in again.stderr, again.stderr
