@@ -123,8 +123,8 @@ def _vocab(a) -> int:
         print(f"data_prep: skipped {s['path']}: {s['reason']}", file=sys.stderr)
     if not units:
         raise DataPrepError("vocab: no usable input files")
-    # WordPiece training breaks frequency ties differently from run to run, so a rerun with the same
-    # inputs keeps the existing vocab (shards built with it stay valid) instead of training again.
+    # A rerun with the same inputs and options keeps the existing vocab instead of training again
+    # (the same vocab.txt, byte for byte, but that takes minutes on a large corpus).
     stamp = {"inputs": [[u.label(), _fingerprint(u.path)] for u in units], "vocab_size": a.vocab_size,
              "cased": a.cased, "min_frequency": a.min_frequency, "max_chars": a.max_chars, "format": a.format,
              "text_key": a.text_key}

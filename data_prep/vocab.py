@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .atomic import atomic_path
 from .readers import DataPrepError
@@ -99,19 +101,104 @@ def load_vocab(path: str | Path, lowercase: bool | None = None) -> Vocab:
     return Vocab(tok.to_str(), tokens, bool(lowercase), digest, str(p))
 
 
+# BERT's WordPiece turns a longer word into [UNK] (transformers' max_input_chars_per_word), so such a
+# word cannot contribute a piece; the trainer never sees it. (Each merge rewrites every word holding
+# the pair, so one 5 MB "word" made training quadratic in its length.)
+MAX_WORD_CHARS = 100
+
+
+def count_words(texts: Iterable[str], lowercase: bool = True) -> Counter[str]:
+    """How often each word occurs, split as BERT's tokenizer splits: normalized (cleaned, Chinese
+    characters isolated, lower-cased and accents stripped unless cased), then cut at white space and
+    punctuation. Words longer than ``MAX_WORD_CHARS`` are left out."""
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    norm = BertNormalizer(lowercase=lowercase, strip_accents=None if lowercase else False)
+    split = BertPreTokenizer()
+    chunks: Counter[str] = Counter()  # white-space separated: counted at C speed
+    for text in texts:
+        found = norm.normalize_str(text).split()
+        if max(map(len, found), default=0) > MAX_WORD_CHARS:  # rare: cut now so no long chunk is kept
+            found = [w for w, _ in split.pre_tokenize_str(" ".join(found)) if len(w) <= MAX_WORD_CHARS]
+        chunks.update(found)
+    counts: Counter[str] = Counter()
+    for chunk, n in chunks.items():  # then each distinct chunk cut at punctuation
+        for word, _ in split.pre_tokenize_str(chunk):
+            if len(word) <= MAX_WORD_CHARS:
+                counts[word] += n
+    return counts
+
+
 def train_vocab(texts: Iterable[str], output: str | Path, vocab_size: int = 30522, lowercase: bool = True,
                 min_frequency: int = 2, limit_alphabet: int = 1000) -> Vocab:
-    """Train a BERT WordPiece vocab and write a directory `BertTokenizerFast.from_pretrained` loads."""
-    from tokenizers.implementations import BertWordPieceTokenizer
+    """Train a BERT WordPiece vocab and write a directory `BertTokenizerFast.from_pretrained` loads.
 
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=None if lowercase else False)
-    tok.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
-                            limit_alphabet=limit_alphabet, special_tokens=list(SPECIAL_TOKENS))
+    The same texts give the same vocab.txt, byte for byte. `tokenizers`' trainer alone does not: it
+    numbers the "##c" pieces in hash-map order and breaks count ties between merges (and at the
+    alphabet's limit) by those numbers. So the words are counted here, the alphabet is chosen here
+    (ties by character), the alphabet and the "##c" pieces are numbered up front, and the trainer only
+    merges the counted words.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    counts = count_words(texts, lowercase)
+    alphabet: Counter[str] = Counter()
+    later: set[str] = set()  # characters after a word's first: the trainer adds "##c" for those it keeps
+    for word, n in counts.items():
+        later.update(word[1:])
+        for c in word:
+            alphabet[c] += n
+    kept = sorted(sorted(alphabet, key=lambda c: (-alphabet[c], c))[:limit_alphabet])
+    continuing = ["##" + c for c in kept if c in later]
+    # Given as special tokens, the alphabet and the "##c" pieces take the ids after [PAD]..[MASK] in this
+    # order (the order the trainer's own vocab has, with the "##c" pieces sorted); its alphabet is exactly
+    # `kept` (each initial character counts as most frequent, and nothing else is kept).
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=True, continuing_subword_prefix="##",
+        special_tokens=[*SPECIAL_TOKENS, *kept, *continuing], initial_alphabet=kept, limit_alphabet=len(kept))
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=MAX_WORD_CHARS))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # the words come normalized and split already
+
+    def repeated(batch_chars: int = 1 << 20) -> Iterator[str]:  # each word as often as it was counted
+        batch: list[str] = []
+        size = 0
+        for word, n in counts.items():
+            per_piece = max(1, batch_chars // (len(word) + 1))  # "the" 10^8 times: in pieces, not one string
+            while n > 0:
+                k = min(n, per_piece)
+                n -= k
+                batch.append((word + " ") * k)
+                size += k * (len(word) + 1)
+                if size >= batch_chars:
+                    yield "".join(batch)
+                    batch, size = [], 0
+        if batch:
+            yield "".join(batch)
+
+    _train_interruptibly(tok, repeated(), trainer)
     tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
-    save_dir(tokens, lowercase, out)
-    return load_vocab(out)
+    save_dir(tokens, lowercase, output)
+    return load_vocab(output)
+
+
+def _train_interruptibly(tok, texts: Iterator[str], trainer) -> None:
+    """Run the trainer in a thread: its Rust merge loop does not return to Python for minutes on a
+    large corpus, and Python only runs a signal handler (Ctrl-C, SIGTERM -> KeyboardInterrupt) in the
+    main thread between bytecodes; waiting here on the thread keeps the main thread able to stop."""
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            tok.train_from_iterator(texts, trainer=trainer)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            failure.append(e)
+
+    t = threading.Thread(target=work, name="wordpiece-trainer", daemon=True)  # daemon: exit need not wait
+    t.start()
+    t.join()  # interrupted by a signal on POSIX: the KeyboardInterrupt leaves the thread behind
+    if failure:
+        raise failure[0]
 
 
 def save_dir(tokens: list[str], lowercase: bool, out: str | Path) -> None:
