@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -166,6 +167,7 @@ def load(path: str | Path, overrides: Optional[dict[str, Any]] = None,
                 ds.pop("gradient_accumulation_steps", None)  # re-derived from the other two
     cfg = PretrainConfig(**block)
     cfg.validate(str(path))
+    check_optimizer_values(ds, str(path))
     check_nonfinite_guard(ds, str(path))
     sched = ds.get("scheduler")
     if isinstance(sched, dict):
@@ -175,6 +177,45 @@ def load(path: str | Path, overrides: Optional[dict[str, Any]] = None,
                               f"differs from pretrain.max_steps ({cfg.max_steps}); remove it, it is filled in")
         params["total_num_steps"] = cfg.max_steps
     return ds, cfg
+
+
+# Optimizer and scheduler numbers that cannot describe training, refused by check_optimizer_values:
+# (block, key) -> (what a value must satisfy besides being a finite number, how to say it). The
+# optimizer classes accept some of them: lr 0 trains nothing yet writes checkpoints, and NaN passes
+# every "< 0" test.
+_POSITIVE = (lambda v: v > 0, "a finite number > 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "a finite number >= 0")
+_LIMITS = {
+    ("optimizer", "lr"): _POSITIVE,
+    ("optimizer", "weight_decay"): _NON_NEGATIVE,
+    ("optimizer", "eps"): _NON_NEGATIVE,
+    ("scheduler", "warmup_max_lr"): _POSITIVE,  # the peak lr of DeepSpeed's own WarmupLR/WarmupDecayLR
+    ("scheduler", "warmup_min_lr"): _NON_NEGATIVE,
+    ("scheduler", "warmup_proportion"): (lambda v: 0 <= v <= 1, "a finite number in [0, 1]"),
+    ("scheduler", "warmup_num_steps"): _NON_NEGATIVE,
+    ("scheduler", "power"): _NON_NEGATIVE,      # below 0 the decay ends in an infinite lr
+    ("scheduler", "decay_rate"): _POSITIVE,
+    ("scheduler", "decay_steps"): _POSITIVE,
+}
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_optimizer_values(ds: dict, source: str) -> None:
+    """Refuse a learning rate that is not a finite number > 0, and the other clearly meaningless
+    values in ``_LIMITS`` and betas outside [0, 1): one line naming the key and the value."""
+    def params(block: str) -> dict:
+        p = ds.get(block).get("params") if isinstance(ds.get(block), dict) else None
+        return p if isinstance(p, dict) else {}
+
+    for (block, key), (ok, must) in _LIMITS.items():
+        if key in params(block) and not (_finite(v := params(block)[key]) and ok(v)):
+            raise ConfigError(f"{source}: {block}.params.{key} must be {must}, got {v!r}")
+    betas = params("optimizer").get("betas", (0.9, 0.999))
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"{source}: optimizer.params.betas must be two numbers in [0, 1), got {betas!r}")
 
 
 def check_nonfinite_guard(ds: dict, source: str) -> None:
