@@ -13,8 +13,14 @@ A checkpoint is *complete* when its ``complete.json`` exists and every file it l
 size it records. Only complete checkpoints are resumed from, exported or pruned, and they are
 found by listing the directory, not through ``latest``: a missing, empty or stale ``latest``, a
 checkpoint directory deleted by hand, or a file truncated by a full disk makes a resume fall back
-to the newest complete checkpoint, never start over and prune the good ones. An unfinished save
-(no ``complete.json``, newer than every complete checkpoint) is removed by the next save.
+to the newest complete checkpoint (saying so), never start over and prune the good ones. An
+unfinished save (no ``complete.json``, newer than every complete checkpoint) is removed by the next
+save.
+
+Rank 0 reads the directory and decides (which checkpoint to resume from, whether a step is saved
+already) and broadcasts its answer: on a shared filesystem with client-side caching (NFS) the
+ranks of a quickly requeued job can list different newest checkpoints, and ranks that each
+decided alone would load different steps, or wait for each other in different collectives.
 
 Resuming on another number of ranks re-partitions ZeRO-1/2 optimizer state: that reads
 DeepSpeed's private layout and lives in ``pretrain/zero_reshard.py``.
@@ -161,6 +167,25 @@ def read_marker(tag_dir: Path) -> dict:
         return {}
 
 
+def from_rank0(value, device):
+    """Rank 0's ``value`` on every rank (what rank 0 read of the checkpoint directory decides)."""
+    import deepspeed.comm as dist
+
+    if dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
+
+
+def saved_already(tag_dir: Path, device) -> bool:
+    """Whether ``tag_dir`` is a complete checkpoint, as rank 0 sees it, on every rank."""
+    import deepspeed.comm as dist
+
+    mine = dist.get_rank() == 0 and tag_dir.is_dir() and check_complete(tag_dir) is None
+    return bool(from_rank0(mine, device))
+
+
 def save(engine, output: Path, step: int, client_state: dict, model_config_json: str, keep: int) -> Path:
     """Write checkpoint ``step`` on every rank; rank 0 then marks it complete and prunes."""
     import deepspeed.comm as dist
@@ -169,7 +194,7 @@ def save(engine, output: Path, step: int, client_state: dict, model_config_json:
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     rank = dist.get_rank()
-    if tag_dir.is_dir() and check_complete(tag_dir) is None:
+    if saved_already(tag_dir, engine.device):
         return tag_dir  # this step is saved already (a run resumed here and stopped again)
     if rank == 0 and tag_dir.is_dir():  # an unfinished save of this step from a run that died
         shutil.rmtree(tag_dir)
@@ -217,13 +242,7 @@ def load_resume(engine, output: Path, announce: bool = True) -> Optional[dict]:
     ckpt_dir = output / "checkpoints"
     say = (lambda m: print(f"resume: skipping {m}", file=sys.stderr, flush=True)) if announce else None
     rank, world = dist.get_rank(), dist.get_world_size()
-    for tag in reversed(complete_tags(ckpt_dir, say)):
-        try:
-            saved = saved_world(ckpt_dir / tag)
-        except FileNotFoundError as exc:  # the same files on every rank: all skip it alike
-            if say:
-                say(f"{tag}: {str(exc).split(': ', 1)[1]}")
-            continue
+    for tag, saved in resume_candidates(ckpt_dir, engine.device, say):
         # Each rank opens its own files first (memory-mapped: cheap), all partitions when the world
         # size changed; every rank must agree before DeepSpeed's load, which runs collectives a
         # failing rank would leave the others waiting in.
@@ -247,8 +266,49 @@ def load_resume(engine, output: Path, announce: bool = True) -> Optional[dict]:
         client["_tag"] = tag
         if reshard:
             client["_saved_world"] = saved
+        if announce:
+            note = stale_latest(ckpt_dir, tag)
+            if note:
+                print(f"resume: {note}; resuming from {tag}, the newest complete checkpoint", file=sys.stderr,
+                      flush=True)
         return client
     return None
+
+
+def resume_candidates(ckpt_dir: Path, device, report=None) -> list[tuple[str, Optional[int]]]:
+    """(tag, world size that wrote it) of every complete checkpoint, newest first, as rank 0 lists
+    them, on every rank. ``report`` (rank 0's) hears why others are skipped."""
+    import deepspeed.comm as dist
+
+    found = []
+    if dist.get_rank() == 0:
+        for tag in reversed(complete_tags(ckpt_dir, report)):
+            try:
+                found.append((tag, saved_world(ckpt_dir / tag)))
+            except FileNotFoundError as exc:
+                if report is not None:
+                    report(f"{tag}: {str(exc).split(': ', 1)[1]}")
+    return from_rank0(found, device)
+
+
+def stale_latest(ckpt_dir: Path, tag: str) -> Optional[str]:
+    """Why the ``latest`` file does not name ``tag`` (missing, empty, naming a checkpoint that is
+    gone or was skipped), or None when it does."""
+    try:
+        named = (ckpt_dir / "latest").read_text().strip()
+    except FileNotFoundError:
+        return f"{ckpt_dir / 'latest'} is missing"
+    except OSError as exc:
+        return f"{ckpt_dir / 'latest'} is unreadable ({exc.strerror})"
+    if named == tag:
+        return None
+    if not named:
+        return f"{ckpt_dir / 'latest'} is empty"
+    if step_of(named) is None:
+        return f"{ckpt_dir / 'latest'} names {named[:40]!r}, not a checkpoint"
+    if not (ckpt_dir / named).is_dir():
+        return f"{ckpt_dir / 'latest'} names {named}, which does not exist (deleted?)"
+    return f"{ckpt_dir / 'latest'} names {named}, which was skipped"
 
 
 def _unreadable(tag_dir: Path, rank: int, every_partition: bool = False) -> Optional[str]:

@@ -257,6 +257,7 @@ def main(argv=None) -> int:
 
     device = engine.device
     outdir.hold(output, rank, device)  # one run per output, before anything is written there: exit 2 if held
+    resuming = checkpoint.from_rank0(resuming, device)  # the ranks may list the checkpoints differently (NFS)
     train_ds, val_ds = data_mod.datasets(info, cfg)
     stream = data_mod.TrainStream(train_ds, micro, world, rank, cfg.seed, cfg.num_workers,
                                   pin_memory=device.type != "cpu")

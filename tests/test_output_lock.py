@@ -39,7 +39,10 @@ def test_a_second_launch_into_a_held_output_is_refused_and_the_first_run_is_inta
             assert time.time() < deadline, "the first run did not start training"
             time.sleep(0.1)
         second = launch(cwd, out, 2, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        text, err = second.communicate(timeout=120)
+        try:
+            text, err = second.communicate(timeout=60)
+        finally:
+            second.kill()
         assert second.returncode == 2, text[-2000:] + err[-2000:]
         assert err.strip().count("\n") == 0 and "Traceback" not in err, err
         assert f"{out} is in use by another run (pid {first.pid} on host {socket.gethostname()}" in err, err

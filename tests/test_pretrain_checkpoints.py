@@ -62,6 +62,7 @@ def test_newest_checkpoint_deleted_resume_falls_back_and_keeps_the_rest(base):
     shutil.rmtree(d / "checkpoints" / "step0000006")  # "latest" now names a missing checkpoint
     text = run(base, "ckpt_deleted", "--resume")
     assert "resumed from step0000004" in text
+    assert "checkpoints/latest names step0000006, which does not exist (deleted?); resuming from step0000004" in text
     assert losses(d) == losses(base / "ckpt_base")  # steps 5 and 6 again, the same floats
     tags = sorted(p.name for p in (d / "checkpoints").glob("step*"))
     assert tags == ["step0000002", "step0000004", "step0000006"]  # nothing complete was pruned
