@@ -157,7 +157,8 @@ cmd_pretrain() {
     [[ "$phase" =~ ^(1|2|both)$ ]] || die "--phase must be 1, 2 or both (got '$phase')"
     [[ "$kind" =~ ^(deepspeed|mpi|slurm)$ ]] || die "--launcher must be deepspeed, mpi or slurm (got '$kind')"
     [[ "$kind" == mpi && -z "$np" ]] && die "--launcher mpi needs --np N (total processes)"
-    [[ "$kind" == slurm && -n "$hostfile" ]] && die "--hostfile does not apply to --launcher slurm (the allocation decides the nodes)"
+    [[ "$kind" == slurm && -n "$hostfile" ]] \
+        && die "--hostfile does not apply to --launcher slurm (the allocation decides the nodes)"
     mapfile -t pre < <(launcher "$np" "$hostfile" "$kind")
     local p1=() p2=() out1="" out2=""
     [[ -n "$data_dir" ]] && p1+=(--data "$data_dir/seq128") && p2+=(--data "$data_dir/seq512")
@@ -165,16 +166,19 @@ cmd_pretrain() {
     if [[ "$kind" == slurm ]]; then
         # A phase's output must be known to tell a finished phase from a stopped one.
         out1="$(flag_value --output "${p1[@]}" "${rest[@]}")" out2="$(flag_value --output "${p2[@]}" "${rest[@]}")"
-        [[ -n "$out1" ]] || die "--launcher slurm needs --output-dir DIR (or --output): a requeued job resumes from there"
+        [[ -n "$out1" ]] \
+            || die "--launcher slurm needs --output-dir DIR (or --output): a requeued job resumes from there"
         # srun answers the SIGUSR1 a batch script forwards by passing it to the ranks, SIGTERM by
         # killing them: this shell must outlive both and report how the step ended.
         trap 'log "stop signal received: the ranks save at the next step boundary"' USR1 TERM
     fi
     if [[ "$phase" == 1 || "$phase" == both ]]; then
-        pretrain_phase 1 "$config1" "$kind" "$out1" "${pre[@]}" pretrain/run.py --config "$config1" "${p1[@]}" "${rest[@]}"
+        pretrain_phase 1 "$config1" "$kind" "$out1" \
+            "${pre[@]}" pretrain/run.py --config "$config1" "${p1[@]}" "${rest[@]}"
     fi
     if [[ "$phase" == 2 || "$phase" == both ]]; then
-        pretrain_phase 2 "$config2" "$kind" "$out2" "${pre[@]}" pretrain/run.py --config "$config2" "${p2[@]}" "${rest[@]}"
+        pretrain_phase 2 "$config2" "$kind" "$out2" \
+            "${pre[@]}" pretrain/run.py --config "$config2" "${p2[@]}" "${rest[@]}"
     fi
 }
 

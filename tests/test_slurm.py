@@ -193,8 +193,8 @@ def test_the_sbatch_template_saves_requeues_itself_and_finishes(slurm, phase1):
              and slurm.job(job).get("JobState") == "PENDING", 120, log)
     # Slurm holds a requeued job for two minutes before it may start again: release it now
     assert slurm.command("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
-    state = wait_for("job finished", lambda: (s := slurm.job(job)).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED")
-                     and s, 300, log)
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    state = wait_for("job finished", lambda: (s := slurm.job(job)).get("JobState") in ended and s, 300, log)
     text = log.read_text()
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", text[-4000:]
     reached = int(re.search(r"stopped at step (\d+) on request \(received SIGUSR1\)", text).group(1))
