@@ -40,7 +40,7 @@ from pretrain import data as data_mod  # noqa: E402
 from pretrain import outdir  # noqa: E402
 from pretrain.distributed import init_distributed  # noqa: E402
 from pretrain.gns import NoiseScale  # noqa: E402
-from pretrain.metrics import MetricsLogger, device_name, peak_memory_gib, peak_tflops  # noqa: E402
+from pretrain.metrics import MetricsLogger, device_name, mfu_peak, peak_memory_gib  # noqa: E402
 from pretrain.model import (bert_config, build_model, check_compile, compile_engine, count_parameters,  # noqa: E402
                            load_weights)
 from pretrain.steps import StepAccountant, TrainingDiverged  # noqa: E402
@@ -275,10 +275,14 @@ def main(argv=None) -> int:
               + resumed + init_note(cfg.init_checkpoint, init_kind, keep_state)
               + (f", model compiled ({cfg.compile})" if engine.is_compiled else ""), flush=True)
 
-    peak = cfg.peak_tflops or peak_tflops(device_name(), precision)
+    from pretrain.flops import FlopRates
+
+    peak, note = mfu_peak(cfg.peak_tflops, device_name(), precision)
+    if note and is_main:
+        print(f"pretrain: {note}", flush=True)
     run = TrainingRun(args, cfg, engine, stream, val_ds, output, progress, fp, model_meta,
                       glob=glob, micro=micro, accum=accum, world=world, rank=rank,
-                      flops_per_sample=6 * n_params * cfg.seq_len, peak_flops=peak * 1e12 if peak else None,
+                      flop_rates=FlopRates.of(model.config), peak_flops=peak * 1e12 if peak else None,
                       min_loss_scale=(ds_cfg.get("fp16") or {}).get("min_loss_scale", 1))
     return run.train(resuming)
 
@@ -287,14 +291,14 @@ class TrainingRun:
     """The loop: micro-batches, steps (applied or skipped), logs, evaluations, checkpoints, stops."""
 
     def __init__(self, args, cfg, engine, stream, val_ds, output: Path, progress: dict, fp: dict, model_meta: str,
-                 *, glob: int, micro: int, accum: int, world: int, rank: int, flops_per_sample: float,
+                 *, glob: int, micro: int, accum: int, world: int, rank: int, flop_rates,
                  peak_flops: float | None, min_loss_scale: float) -> None:
         import deepspeed.comm as dist
 
         self.args, self.cfg, self.engine, self.stream, self.val_ds = args, cfg, engine, stream, val_ds
         self.output, self.progress, self.fp, self.model_meta = output, progress, fp, model_meta
         self.glob, self.micro, self.accum, self.world, self.rank = glob, micro, accum, world, rank
-        self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
+        self.flop_rates, self.peak_flops = flop_rates, peak_flops  # FLOPs per unit of work; one device's peak
         self.is_main = rank == 0
         self.dist = dist
         self.metrics = MetricsLogger(output, self.is_main, cfg.tensorboard, progress["step"])
@@ -336,7 +340,7 @@ class TrainingRun:
                   "mlm_acc": iv["mlm_correct"] / max(iv["mlm_count"], 1),
                   "nsp_acc": iv["nsp_correct"] / max(iv["nsp_count"], 1), "lr": self.engine.get_lr()[0],
                   "samples_per_s": iv["samples"] / elapsed, "tokens_per_s": iv["tokens"] / elapsed,
-                  "mfu": iv["samples"] * self.flops_per_sample / elapsed / self.peak_flops if self.peak_flops else None,
+                  **self.utilisation(iv, elapsed),
                   "data_wait": self.stream.take_wait() / elapsed,
                   "peak_mem_gib": peak_memory_gib(), "loss_scale": self.acct.loss_scale(),
                   "skipped_steps": p["skipped"], "epoch": self.stream.epoch, "samples": p["samples"],
@@ -345,6 +349,16 @@ class TrainingRun:
         every = self.cfg.trust_ratio_histogram_every
         self.metrics.log(record, trust=trust, histogram=bool(every) and p["step"] % every == 0)
         self.metrics.restart_clock()  # the next record's interval starts now (its data wait was just taken)
+
+    def utilisation(self, iv: dict, elapsed: float) -> dict:
+        """``mfu`` and ``hfu`` of the interval (``pretrain/flops.py``, summed over ranks, over the
+        peak of all ranks), with the counts behind them."""
+        work = {k: iv[k] for k in ("tokens", "pairs", "masked", "samples", "positions", "pairs_executed",
+                                   "masked_slots")}
+        peak = self.peak_flops * self.world if self.peak_flops else None
+        return {"mfu": self.flop_rates.model_flops(work) / elapsed / peak if peak else None,
+                "hfu": self.flop_rates.executed_flops(work) / elapsed / peak if peak else None,
+                "interval_s": elapsed, "work": work}
 
     def evaluate(self) -> None:
         with self.metrics.paused():

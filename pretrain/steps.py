@@ -1,7 +1,9 @@
 """Step accounting: what each optimizer step did, whether the run must stop, and the interval
 statistics, without the host waiting for the GPU between logging steps.
 
-* Per micro-batch the loss, accuracy counts and real (non-padding) tokens are added on the device.
+* Per micro-batch the loss, accuracy counts and the work done (real tokens, the positions they
+  attend over, real masked positions: what ``mfu`` counts, ``pretrain/flops.py``) are added on the
+  device; what the shapes tell (samples, positions: what ``hfu`` counts) is counted on the host.
 * Per step one small collective goes out: the MAX over ranks of [stop requested, non-finite loss
   seen, non-finite gradient norm seen]. Its result is copied to host memory behind an event and read ``lag`` steps later (1 on
   accelerators: by then the GPU has finished it and the host never waits for the step it has just
@@ -30,10 +32,16 @@ from typing import Optional
 
 import torch
 
+from pretrain.flops import batch_work
+
 # Interval sums. The MLM loss is summed per masked token and the NSP loss per sample, so their
 # means over an interval (and over ranks) weigh every prediction alike, as the held-out ones do.
 STATS = ("loss_sum", "micro_batches", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count",
          "mlm_loss_sum", "nsp_loss_sum")
+# Work done, skipped steps included (throughput, FLOPs): on the device (real tokens, sum over them
+# of the positions each attends over, real masked positions) and on the host (from the shapes).
+WORK = ("tokens", "pairs", "masked")
+EXECUTED = ("samples", "positions", "pairs_executed", "masked_slots")
 
 
 class TrainingDiverged(RuntimeError):
@@ -59,9 +67,8 @@ class StepAccountant:
         self._all_reduce = all_reduce
         self.step_stats = torch.zeros(len(STATS), dtype=torch.float64, device=device)
         self.interval = torch.zeros_like(self.step_stats)
-        # Work done, skipped steps included (throughput): real tokens on the device, samples here.
-        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
-        self.samples = 0
+        self.work = torch.zeros(len(WORK), dtype=torch.float64, device=device)
+        self.executed = dict.fromkeys(EXECUTED, 0)
         self.nonfinite = torch.zeros((), dtype=torch.float64, device=device)  # losses of this step
         self.bad_norm = torch.zeros((), dtype=torch.float64, device=device)   # its gradient norm
         self.skipped_total = 0
@@ -79,8 +86,10 @@ class StepAccountant:
             loss, self._one, out.mlm_correct.double(), out.mlm_count.double(), out.nsp_correct.double(),
             out.nsp_count.double(), out.mlm_loss.detach().double() * out.mlm_count,
             out.nsp_loss.detach().double() * out.nsp_count])
-        self.tokens += batch["attention_mask"].sum()
-        self.samples += int(batch["attention_mask"].shape[0])
+        work, executed = batch_work(batch, out.mlm_count)
+        self.work += work
+        for key, n in executed.items():
+            self.executed[key] += n
         if not self.fp16:
             self.nonfinite = torch.maximum(self.nonfinite, (~torch.isfinite(loss)).double())  # a new tensor
 
@@ -163,15 +172,15 @@ class StepAccountant:
 
     def take_interval(self, all_reduce=None) -> dict:
         """The interval's sums (over ranks with ``all_reduce``), then a fresh interval."""
-        stats = torch.cat([self.interval, self.tokens.reshape(1),
-                           self.tokens.new_full((1,), float(self.samples))])  # a fill, not a copy
+        executed = torch.tensor([float(self.executed[k]) for k in EXECUTED], dtype=torch.float64)
+        stats = torch.cat([self.interval, self.work, executed.to(self.work.device)])
         if all_reduce is not None:
             all_reduce(stats)
-        values = dict(zip(STATS + ("tokens", "samples"), stats.tolist()))
+        values = dict(zip(STATS + WORK + EXECUTED, stats.tolist()))
         values["steps"] = self.interval_steps
         self.interval.zero_()
-        self.tokens.zero_()
-        self.samples = 0
+        self.work.zero_()
+        self.executed = dict.fromkeys(EXECUTED, 0)
         self.interval_steps = 0
         return values
 

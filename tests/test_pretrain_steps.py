@@ -41,7 +41,8 @@ def output(loss: float, correct: int = 3, count: int = 5, nsp_loss: float = 0.5)
                            mlm_count=t(count), nsp_correct=t(1), nsp_count=t(2))
 
 
-BATCH = {"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), "input_ids": torch.zeros(2, 4)}
+BATCH = {"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), "input_ids": torch.zeros(2, 4),
+         "masked_lm_labels": torch.full((2, 3), -1)}
 
 
 def run_steps(acct, engine, losses_per_step, stop_at=None):
@@ -72,6 +73,11 @@ def test_skipped_fp16_steps_do_not_count_and_are_reported():
     assert iv["nsp_loss_sum"] == pytest.approx(4 * 2 * 0.5)
     # throughput counts all the work: 10 micro-batches of 2 samples, 5 real tokens each
     assert iv["samples"] == 20 and iv["tokens"] == 50
+    # and what the FLOP counts need: each real token attends over its row of 4, 5 masked tokens
+    # (the model's count) of 6 slots per micro-batch; executed: every position, attention over
+    # every row, every slot
+    assert iv["pairs"] == 50 * 4 and iv["masked"] == 10 * 5
+    assert iv["positions"] == 10 * 8 and iv["pairs_executed"] == 10 * 2 * 4 * 4 and iv["masked_slots"] == 10 * 6
 
 
 def test_fp16_consecutive_skips_stop_the_run():
