@@ -77,8 +77,11 @@ class BertPretrainingModel(BertForPreTraining):
 
     def forward(self, input_ids, token_type_ids, attention_mask, masked_lm_positions, masked_lm_labels,
                 next_sentence_label, full_vocab_projection: bool = False, **_) -> PretrainingOutput:
+        # The padding mask goes in as SDPA's boolean (B, 1, 1, L) mask: given the 2-D mask,
+        # transformers first asks whether it has any padding at all (``mask.all()``, a host sync
+        # per forward) to drop it when it has none; a 4-D mask is used as it is.
         seq, pooled = self.bert(input_ids=input_ids, token_type_ids=token_type_ids,
-                                attention_mask=attention_mask, return_dict=False)[:2]
+                                attention_mask=attention_mask[:, None, None, :].bool(), return_dict=False)[:2]
         if full_vocab_projection:  # the naive head, kept for the benchmark's comparison
             logits = self.cls.predictions(seq)
             logits = torch.gather(logits, 1, masked_lm_positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
@@ -93,9 +96,10 @@ class BertPretrainingModel(BertForPreTraining):
             real = labels != -100
             mlm_correct = ((logits.argmax(-1) == labels) & real).sum()
             nsp_correct = (nsp_logits.argmax(-1) == next_sentence_label.reshape(-1)).sum()
+        # nsp_count: a fill kernel; torch.tensor(n, device=...) would be a blocking host-to-device copy
         return PretrainingOutput(loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss.detach(), nsp_loss=nsp_loss.detach(),
                                  mlm_correct=mlm_correct, mlm_count=real.sum(), nsp_correct=nsp_correct,
-                                 nsp_count=torch.tensor(nsp_logits.size(0), device=nsp_logits.device))
+                                 nsp_count=torch.full((), nsp_logits.size(0), device=nsp_logits.device))
 
 
 def build_model(model: str, vocab_size: int, seed: int) -> BertPretrainingModel:

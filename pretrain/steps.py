@@ -78,6 +78,7 @@ class StepAccountant:
         # Constants made once: a tensor built from a Python number on a GPU is a blocking copy.
         self._one = torch.ones((), dtype=torch.float64, device=device)
         self._zero = torch.zeros((), dtype=torch.float64, device=device)
+        avoid_deepspeed_host_syncs()
 
     # -- per micro-batch ------------------------------------------------------------------------
     def micro_batch(self, out, batch: dict) -> None:
@@ -183,6 +184,28 @@ class StepAccountant:
         self.executed = dict.fromkeys(EXECUTED, 0)
         self.interval_steps = 0
         return values
+
+
+def _fill_nan_or_inf(input: torch.Tensor, device=None, val: float = -1.0) -> None:
+    """DeepSpeed's ``mask_nan_or_inf_with_val_inplace`` (an inf or NaN gradient norm becomes its -1
+    sentinel) with the value passed as a scalar. DeepSpeed 0.19 builds it as
+    ``torch.tensor(-1.0, device=...)`` (whatever ``val`` says; every caller leaves it at -1): a
+    blocking host-to-device copy at every ZeRO step that computes the gradient norm."""
+    input.masked_fill_(input.isnan() | input.isinf(), val)
+
+
+def avoid_deepspeed_host_syncs() -> None:
+    """Use :func:`_fill_nan_or_inf` where DeepSpeed's ZeRO optimizers call the original (their
+    modules look the name up at each call, so engines built before this call get it too)."""
+    import importlib
+
+    for name in ("deepspeed.runtime.utils", "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # another DeepSpeed layout: nothing to replace
+            continue
+        if hasattr(module, "mask_nan_or_inf_with_val_inplace"):
+            module.mask_nan_or_inf_with_val_inplace = _fill_nan_or_inf
 
 
 def _to_host(flags: torch.Tensor):
