@@ -16,9 +16,10 @@ noisy (|G|² is a small difference of two noisy numbers), so, as the appendix do
 moving averages of |G|² and tr(Σ) are kept separately and B_simple is their ratio; the error
 bar is a jackknife over the last ``window`` measurements.
 
-Only every ``every``-th step is measured: the hooks (one small reduction per parameter and
-micro-batch) are attached for that step alone, and one 2-number all-reduce is added. Nothing
-is read back to the host until the next log line.
+Only every ``every``-th step is measured: the hooks (one norm kernel per parameter and
+micro-batch; on GPUs it reads the gradient in its own precision and accumulates in fp32: no copy)
+are attached for that step alone, and one 2-number all-reduce is added. Nothing is read back to
+the host until the next log line, and no tensor is built from host data on the way.
 """
 from __future__ import annotations
 
@@ -39,7 +40,11 @@ class NoiseScale:
         self.enabled = every > 0 and glob > micro
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         device = engine.device
-        self._micro_sq = torch.zeros((), dtype=torch.float64, device=device)
+        self._norms: list[torch.Tensor] = []  # this micro-batch's per-parameter gradient norms
+        # GPUs read bf16/fp16 gradients in place when a norm accumulates in fp32 (no copy), and sum
+        # in a tree; the CPU kernel copies to the accumulation type and sums serially, off by ~1e-3
+        # over tens of millions of fp32 elements: fp64 there.
+        self._norm_dtype = torch.float64 if device.type == "cpu" else torch.float32
         self._small = torch.zeros(2, dtype=torch.float64, device=device)  # sum of |g_k|², count (this rank)
         self._own_big: Optional[torch.Tensor] = None
         self._handles: list = []
@@ -64,15 +69,17 @@ class NoiseScale:
         self._own_big = None
 
     def _hook(self, grad: torch.Tensor) -> None:
-        self._micro_sq += grad.detach().float().square().sum()
+        self._norms.append(torch.linalg.vector_norm(grad.detach(), dtype=self._norm_dtype))
 
     def end_micro(self, boundary: bool) -> None:
         """After each ``engine.backward``; at the accumulation boundary without ZeRO the gradients
         are all-reduced by now, and their norm is the big-batch one."""
         if not self._handles:
             return
-        self._small += torch.stack([self._micro_sq, torch.ones_like(self._micro_sq)])
-        self._micro_sq.zero_()
+        if self._norms:  # |g_k|² of this micro-batch, from its per-parameter norms
+            micro_sq = torch.stack(self._norms).double().square().sum()
+            self._small += torch.stack([micro_sq, torch.ones_like(micro_sq)])
+            self._norms = []
         if boundary and self.engine.zero_optimization_stage() == 0:
             grads = [p.grad for p in self.params if p.grad is not None]
             if len(grads) == len(self.params):  # else DeepSpeed's wrapper holds them: its norm is used
@@ -95,7 +102,10 @@ class NoiseScale:
             norm = self.engine.get_global_grad_norm()
             if norm is None:
                 return
-            g_big = torch.as_tensor(norm, dtype=torch.float64, device=g_small.device) ** 2
+            if torch.is_tensor(norm) and norm.device.type == g_small.device.type:
+                g_big = norm.to(g_small.device, torch.float64) ** 2
+            else:  # a float, or a host tensor (already synchronised): a fill, not a copy
+                g_big = g_small.new_full((), float(norm)) ** 2
         b, B = float(self.b), float(self.B)
         g2 = (B * g_big - b * g_small) / (B - b)
         s = (g_small - g_big) / (1.0 / b - 1.0 / B)

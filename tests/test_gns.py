@@ -76,3 +76,46 @@ def test_one_micro_batch_per_step_cannot_measure():
     assert not ns.enabled
     ns.begin_step(1)
     assert not ns._handles and ns.record() == {}
+
+
+class _BertEngine:
+    """What NoiseScale reads of an engine, around bert-tiny in the given precision."""
+
+    def __init__(self, dtype):
+        import torch
+
+        from pretrain.model import build_model
+
+        self.module = build_model("bert-tiny", 300, seed=0).to(dtype)
+        self.device = torch.device("cpu")
+
+    def zero_optimization_stage(self):
+        return 2  # the big-batch norm is DeepSpeed's: only the micro-batch hooks run here
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_micro_batch_norm_equals_the_sum_of_squares_of_the_gradients(dtype):
+    """The hooks' |g_k|² (one fp32-accumulating norm per tensor, no fp32 copy of the gradient)
+    equals the former count, sum over tensors of g.float().square().sum(), for each micro-batch."""
+    import torch
+
+    engine = _BertEngine(getattr(torch, dtype))
+    ns = NoiseScale(engine, every=1, ema=0.9, micro=2, glob=4, accum=2)
+    ns.begin_step(1)
+    g = torch.Generator().manual_seed(0)
+    expected = []
+    for _ in range(2):
+        ids = torch.randint(5, 300, (2, 16), generator=g)
+        out = engine.module(input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=torch.ones_like(ids),
+                            masked_lm_positions=torch.randint(1, 15, (2, 3), generator=g),
+                            masked_lm_labels=torch.randint(5, 300, (2, 3), generator=g),
+                            next_sentence_label=torch.randint(0, 2, (2,), generator=g))
+        engine.module.zero_grad()
+        out.loss.backward()
+        ns.end_micro(boundary=False)
+        expected.append(sum(float(p.grad.float().square().sum()) for p in ns.params))
+    ns.detach()
+    assert len(ns.params) == len(list(engine.module.parameters())) > 30
+    total, count = ns._small.tolist()
+    assert count == 2
+    assert total == pytest.approx(sum(expected), rel=1e-6)
