@@ -330,6 +330,21 @@ class TrainingRun:
         if self.is_main:
             print(f"checkpoint: {tag_dir}", flush=True)
 
+    def stop_cause(self) -> str:
+        """Why the run stops, as the ranks saw it (one gather, at the stop): a signal or a launcher
+        gone, with the ranks it reached when not all, or --stop-after."""
+        reasons = [""] * self.world
+        self.dist.all_gather_object(reasons, self.stop.reason)
+        if not any(reasons):
+            return "--stop-after"
+        if len(set(reasons)) == 1:
+            return reasons[0]  # every rank alike: a signal to the group, or forwarded by the launcher
+        ranks: dict[str, list[int]] = {}
+        for r, why in enumerate(reasons):
+            if why:
+                ranks.setdefault(why, []).append(r)
+        return "; ".join(f"rank{'s' * (len(rs) > 1)} {', '.join(map(str, rs))}: {why}" for why, rs in ranks.items())
+
     def log(self) -> None:
         iv = self.acct.take_interval(self.dist.all_reduce)
         elapsed = max(self.metrics.elapsed(), 1e-9)
@@ -410,8 +425,9 @@ class TrainingRun:
                     self.save()
                     last_saved = step
                 if stopping:
+                    cause = self.stop_cause()
                     if self.is_main:
-                        print(f"pretrain: stopped at step {step} on request ({self.stop.reason or '--stop-after'}); "
+                        print(f"pretrain: stopped at step {step} on request ({cause}); "
                               "rerun with --resume to continue", flush=True)
                     return 0
             if self.val_ds is not None:
