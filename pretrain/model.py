@@ -5,7 +5,9 @@ decoder/word-embedding weight) are identical and a checkpoint exports with ``sav
 and no key surgery. Only ``forward`` differs: the hidden states of the (at most
 ``max_predictions``) masked positions are gathered *before* the transform and the vocab
 projection, which at seq 128 with 20 predictions skips ~84% of the largest matmul.
-Attention is PyTorch's scaled_dot_product_attention (``attn_implementation="sdpa"``).
+Attention is PyTorch's scaled_dot_product_attention (``attn_implementation="sdpa"``). Packed
+batches (``pretrain.packing``) run the same modules with a block-diagonal mask and per-sample
+position ids, and pool each sample's [CLS] wherever it sits in its row.
 """
 from __future__ import annotations
 
@@ -68,15 +70,42 @@ class PretrainingOutput:
 
 
 class BertPretrainingModel(BertForPreTraining):
-    """``BertForPreTraining`` whose forward takes the data_prep batch layout.
+    """``BertForPreTraining`` whose forward takes the data_prep batch layout, padded or packed.
 
-    ``masked_lm_positions`` (B, P) index the masked tokens, ``masked_lm_labels`` (B, P) hold
-    their original ids with -1 for padding slots. Loss = mean MLM cross-entropy over real
-    slots + mean NSP/SOP cross-entropy, as in the BERT recipe.
+    Padded: ``masked_lm_positions`` (B, P) index the masked tokens of each row,
+    ``masked_lm_labels`` (B, P) hold their original ids with -1 for padding slots. Packed
+    (``pretrain/packing.py``: ``sample_ids`` given): R rows of several samples each, with
+    ``position_ids`` restarting per sample, ``masked_lm_positions`` (M, P) and ``cls_positions``
+    (M,) flat indices into the R x pack_len positions; labels stay (M, P) and (M,). Loss = mean
+    MLM cross-entropy over real slots + mean NSP/SOP cross-entropy, as in the BERT recipe: the
+    same numbers either way.
     """
 
-    def forward(self, input_ids, token_type_ids, attention_mask, masked_lm_positions, masked_lm_labels,
-                next_sentence_label, full_vocab_projection: bool = False, **_) -> PretrainingOutput:
+    def forward(self, input_ids, token_type_ids, attention_mask=None, masked_lm_positions=None,
+                masked_lm_labels=None, next_sentence_label=None, full_vocab_projection: bool = False, *,
+                position_ids=None, sample_ids=None, cls_positions=None, **_) -> PretrainingOutput:
+        logits, nsp_logits = self.logits(input_ids, token_type_ids, attention_mask, masked_lm_positions,
+                                         full_vocab_projection, position_ids=position_ids, sample_ids=sample_ids,
+                                         cls_positions=cls_positions)
+        labels = masked_lm_labels.masked_fill(masked_lm_labels < 0, -100)
+        mlm_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
+        nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.reshape(-1))
+        with torch.no_grad():
+            real = labels != -100
+            mlm_correct = ((logits.argmax(-1) == labels) & real).sum()
+            nsp_correct = (nsp_logits.argmax(-1) == next_sentence_label.reshape(-1)).sum()
+        # nsp_count: a fill kernel; torch.tensor(n, device=...) would be a blocking host-to-device copy
+        return PretrainingOutput(loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss.detach(), nsp_loss=nsp_loss.detach(),
+                                 mlm_correct=mlm_correct, mlm_count=real.sum(), nsp_correct=nsp_correct,
+                                 nsp_count=torch.full((), nsp_logits.size(0), device=nsp_logits.device))
+
+    def logits(self, input_ids, token_type_ids, attention_mask=None, masked_lm_positions=None,
+               full_vocab_projection: bool = False, *, position_ids=None, sample_ids=None, cls_positions=None,
+               **_) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLM logits at the masked positions (samples, P, vocab), NSP/SOP logits (samples, 2))."""
+        if sample_ids is not None:
+            return self._packed_logits(input_ids, token_type_ids, position_ids, sample_ids, masked_lm_positions,
+                                       cls_positions, full_vocab_projection)
         # The padding mask goes in as SDPA's boolean (B, 1, 1, L) mask: given the 2-D mask,
         # transformers first asks whether it has any padding at all (``mask.all()``, a host sync
         # per forward) to drop it when it has none; a 4-D mask is used as it is.
@@ -88,18 +117,24 @@ class BertPretrainingModel(BertForPreTraining):
         else:
             hidden = torch.gather(seq, 1, masked_lm_positions.unsqueeze(-1).expand(-1, -1, seq.size(-1)))
             logits = self.cls.predictions(hidden)
-        labels = masked_lm_labels.masked_fill(masked_lm_labels < 0, -100)
-        mlm_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
-        nsp_logits = self.cls.seq_relationship(pooled)
-        nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.reshape(-1))
-        with torch.no_grad():
-            real = labels != -100
-            mlm_correct = ((logits.argmax(-1) == labels) & real).sum()
-            nsp_correct = (nsp_logits.argmax(-1) == next_sentence_label.reshape(-1)).sum()
-        # nsp_count: a fill kernel; torch.tensor(n, device=...) would be a blocking host-to-device copy
-        return PretrainingOutput(loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss.detach(), nsp_loss=nsp_loss.detach(),
-                                 mlm_correct=mlm_correct, mlm_count=real.sum(), nsp_correct=nsp_correct,
-                                 nsp_count=torch.full((), nsp_logits.size(0), device=nsp_logits.device))
+        return logits, self.cls.seq_relationship(pooled)
+
+    def _packed_logits(self, input_ids, token_type_ids, position_ids, sample_ids, masked_lm_positions,
+                       cls_positions, full_vocab_projection: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # Block-diagonal attention, SDPA's boolean (R, 1, L, L) mask (True: attend): a position
+        # sees the positions of its own sample only. Padding (-1) sees the row's padding, so no
+        # query has every key masked (a softmax over nothing is NaN); nothing reads its output.
+        mask = (sample_ids[:, :, None] == sample_ids[:, None, :]).unsqueeze(1)
+        seq = self.bert(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
+                        attention_mask=mask, return_dict=False)[0]
+        flat = seq.reshape(-1, seq.size(-1))                      # (R * L, hidden)
+        # BERT's pooler reads position 0 of each row: here each sample's [CLS], wherever it sits
+        pooled = self.bert.pooler(flat[cls_positions].unsqueeze(1))
+        if full_vocab_projection:
+            logits = self.cls.predictions(flat)[masked_lm_positions]
+        else:
+            logits = self.cls.predictions(flat[masked_lm_positions])
+        return logits, self.cls.seq_relationship(pooled)
 
 
 def build_model(model: str, vocab_size: int, seed: int) -> BertPretrainingModel:

@@ -151,3 +151,108 @@ def test_the_stream_packs_in_its_workers_and_resumes_where_it_stopped(pretrain_w
     resumed.load_state_dict(dict(state, start_index=16))
     third = resumed.next()
     assert all(torch.equal(third[k], batches[2][1][k]) for k in third)
+
+
+# -- the packed forward: the math of the padded batch ---------------------------------------------
+
+def tiny_model(vocab: int = VOCAB) -> "BertPretrainingModel":
+    """bert-tiny's shape (2 layers, hidden 128), random weights, fp32, dropout off."""
+    from pretrain.model import BertPretrainingModel, bert_config
+
+    cfg = bert_config("bert-tiny", vocab)
+    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
+    torch.manual_seed(0)
+    return BertPretrainingModel(cfg)
+
+
+def losses_and_grads(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], object]:
+    """(per-sample MLM loss (M,), per-sample NSP loss (M,), parameter gradients of the training
+    loss, the model's output)."""
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with torch.no_grad():
+        mlm_logits, nsp_logits = model.logits(**batch)
+    labels = batch["masked_lm_labels"]
+    per_slot = torch.nn.functional.cross_entropy(mlm_logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    real = labels >= 0
+    mlm = (per_slot * real).sum(1) / real.sum(1)
+    nsp = torch.nn.functional.cross_entropy(nsp_logits, batch["next_sentence_label"], reduction="none")
+    return mlm, nsp, grads, out
+
+
+def max_relative_difference(packed: dict, padded: dict) -> float:
+    """max over tensors of |packed - padded| / |padded| (2-norms of whole tensors)."""
+    assert packed.keys() == padded.keys()
+    return max(float((packed[k] - padded[k]).norm() / padded[k].norm()) for k in padded)
+
+
+def without_key_bias(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The attention key biases' gradient is zero in exact arithmetic (a bias added to every key
+    shifts all of a query's scores alike, and softmax ignores that): in both layouts it is
+    rounding noise (~1e-11), whose relative difference says nothing. Checked apart: tiny."""
+    largest = max(float(g.norm()) for g in grads.values())
+    for name, g in grads.items():
+        if name.endswith("attention.self.key.bias"):
+            assert g.norm() < 1e-8 * largest, name
+    return {n: g for n, g in grads.items() if not n.endswith("attention.self.key.bias")}
+
+
+CASES = {  # name: (seq_len, pack_len, lengths, buckets)
+    # rows [128], [100, 20, 7], [64, 50], [40, 30]
+    "seq128": (128, 128, [128, 40, 30, 50, 100, 7, 20, 64], 32),
+    # rows of 512: [128, 128, 100, 64, 50, 40], [30, 20, 7]; the last case one row of all ten
+    "seq128 rows of 512": (128, 512, [128, 40, 30, 50, 100, 7, 20, 64, 128], 32),
+    # rows [512], [400, 100, 12], [300, 200], [180, 90, 60, 25] and an empty padding row (5 by 5)
+    "seq512": (512, 512, [512, 300, 200, 180, 100, 60, 25, 400, 12, 90], 2),
+    "seq512 rows of 2048": (512, 2048, [512, 300, 200, 180, 100, 60, 25, 400, 12, 90], 32),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_packed_batch_trains_as_the_padded_one(case):
+    """The test that matters: per-sample MLM and NSP losses and every parameter's gradient of
+    the packed batch equal those of the same samples padded (fp32, dropout off), for rows
+    holding one sample, rows holding several, and an empty padding row."""
+    seq, pack_len, lengths, buckets = CASES[case]
+    predictions = 20 if seq == 128 else 80
+    padded = samples(lengths, seq, predictions, seed=seq)
+    packed = Packer(seq_len=seq, pack_len=pack_len, micro_batch=len(lengths), buckets=buckets).pack(padded)
+    per_row = [set(row.tolist()) - {-1} for row in packed["sample_ids"]]
+    assert max(map(len, per_row)) >= 3, per_row  # several together
+    assert pack_len > seq or min(map(len, per_row)) <= 1, per_row  # and one alone (or none)
+    model = tiny_model()
+    mlm_a, nsp_a, grads_a, out_a = losses_and_grads(model, padded)
+    mlm_b, nsp_b, grads_b, out_b = losses_and_grads(model, packed)
+    assert torch.isfinite(mlm_b).all() and torch.isfinite(out_b.loss)
+    worst = {"mlm": max_relative_difference({"x": mlm_b}, {"x": mlm_a}),
+             "nsp": max_relative_difference({"x": nsp_b}, {"x": nsp_a}),
+             "grad": max_relative_difference(without_key_bias(grads_b), without_key_bias(grads_a))}
+    print(f"{case}: max relative difference {worst}")
+    assert max(worst.values()) <= 1e-5, worst
+    assert ((mlm_b - mlm_a).abs() / mlm_a.abs()).max() <= 1e-5  # each sample, not only the whole
+    assert ((nsp_b - nsp_a).abs() / nsp_a.abs()).max() <= 1e-5
+    for key in ("mlm_count", "mlm_correct", "nsp_count", "nsp_correct"):
+        assert int(getattr(out_a, key)) == int(getattr(out_b, key)), key
+    assert len(grads_b) == len(dict(model.named_parameters()))  # every parameter got its gradient
+
+
+@pytest.mark.parametrize("seq", [128, 512])
+def test_real_samples_packed_train_as_padded(pretrain_work, seq):
+    """The same on data_prep samples (the embedded corpus, dynamic masks), 12 to a micro-batch."""
+    from data_prep import PretrainingDataset
+
+    data = PretrainingDataset(pretrain_work / "data" / f"seq{seq}", seed=1)
+    items = [data[i] for i in range(0, 48, 4)]
+    padded = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    packed = Packer(seq_len=seq, pack_len=seq, micro_batch=12, pad_id=data.pad_id)(items)
+    assert packed["input_ids"].shape[0] < 12  # some rows hold several samples
+    model = tiny_model(data.vocab_size)
+    mlm_a, nsp_a, grads_a, _ = losses_and_grads(model, padded)
+    mlm_b, nsp_b, grads_b, _ = losses_and_grads(model, packed)
+    worst = {"mlm": max_relative_difference({"x": mlm_b}, {"x": mlm_a}),
+             "nsp": max_relative_difference({"x": nsp_b}, {"x": nsp_a}),
+             "grad": max_relative_difference(without_key_bias(grads_b), without_key_bias(grads_a))}
+    print(f"real seq {seq}: max relative difference {worst}")
+    assert max(worst.values()) <= 1e-5, worst
