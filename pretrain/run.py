@@ -43,6 +43,7 @@ from pretrain.gns import NoiseScale  # noqa: E402
 from pretrain.metrics import MetricsLogger, device_name, mfu_peak, peak_memory_gib  # noqa: E402
 from pretrain.model import (bert_config, build_model, check_compile, compile_engine, count_parameters,  # noqa: E402
                            load_weights)
+from pretrain.packing import fill_rate  # noqa: E402
 from pretrain.steps import StepAccountant, TrainingDiverged  # noqa: E402
 from pretrain.stop import StopRequest  # noqa: E402
 
@@ -189,6 +190,23 @@ def resume(engine, stream, output: Path, fp: dict, world: int, is_main: bool) ->
     return {"step": client["step"], "samples": client["samples"], "skipped": client.get("skipped", 0)}, note
 
 
+FILL_SAMPLES = 4096  # samples the start line's fill rate is measured on
+
+
+def fill_note(stream, cfg, micro: int) -> str:
+    """The start line's fill rate (real tokens / positions computed) on this rank's next
+    ``FILL_SAMPLES`` samples, padded and, with ``pretrain.packing``, packed."""
+    lengths = stream.upcoming_lengths(FILL_SAMPLES)
+    if len(lengths) < micro:
+        return ""
+    padded = fill_rate(lengths, micro, cfg.seq_len, None)
+    if cfg.packing == "off":
+        return f", fill {padded:.3f} (padded rows)"
+    pack_len = cfg.pack_len or cfg.seq_len
+    packed = fill_rate(lengths, micro, cfg.seq_len, pack_len, cfg.pack_buckets)
+    return f", packed ({cfg.packing}) into rows of {pack_len}: fill {packed:.3f} (padded {padded:.3f})"
+
+
 def init_note(path: str | None, kind: str | None, keep_state: bool) -> str:
     """The start line's account of where phase 2's weights (and moments) came from."""
     if kind is None:
@@ -260,7 +278,7 @@ def main(argv=None) -> int:
     resuming = checkpoint.from_rank0(resuming, device)  # the ranks may list the checkpoints differently (NFS)
     train_ds, val_ds = data_mod.datasets(info, cfg)
     stream = data_mod.TrainStream(train_ds, micro, world, rank, cfg.seed, cfg.num_workers,
-                                  pin_memory=device.type != "cpu")
+                                  pin_memory=device.type != "cpu", collate_fn=data_mod.packer(cfg, train_ds, micro))
     fp = fingerprint(ds_cfg, cfg, info.manifest)
     progress, resumed = {"step": 0, "samples": 0, "skipped": 0}, ""
     if resuming:
@@ -272,7 +290,7 @@ def main(argv=None) -> int:
               f"{len(train_ds):,} train / {len(val_ds) if val_ds else 0:,} held-out samples, world {world}, "
               f"global batch {glob} = {micro} x {accum} accumulation x {world} ranks, "
               f"steps {progress['step']}->{cfg.max_steps}"
-              + resumed + init_note(cfg.init_checkpoint, init_kind, keep_state)
+              + resumed + init_note(cfg.init_checkpoint, init_kind, keep_state) + fill_note(stream, cfg, micro)
               + (f", model compiled ({cfg.compile})" if engine.is_compiled else ""), flush=True)
 
     from pretrain.flops import FlopRates
@@ -355,6 +373,7 @@ class TrainingRun:
                   "mlm_acc": iv["mlm_correct"] / max(iv["mlm_count"], 1),
                   "nsp_acc": iv["nsp_correct"] / max(iv["nsp_count"], 1), "lr": self.engine.get_lr()[0],
                   "samples_per_s": iv["samples"] / elapsed, "tokens_per_s": iv["tokens"] / elapsed,
+                  "fill": iv["tokens"] / iv["positions"] if iv["positions"] else None,  # real / computed
                   **self.utilisation(iv, elapsed),
                   "data_wait": self.stream.take_wait() / elapsed,
                   "peak_mem_gib": peak_memory_gib(), "loss_scale": self.acct.loss_scale(),

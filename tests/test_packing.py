@@ -256,3 +256,53 @@ def test_real_samples_packed_train_as_padded(pretrain_work, seq):
              "grad": max_relative_difference(without_key_bias(grads_b), without_key_bias(grads_a))}
     print(f"real seq {seq}: max relative difference {worst}")
     assert max(worst.values()) <= 1e-5, worst
+
+
+# -- run.py with packing on -------------------------------------------------------------------------
+
+def test_a_packed_run_trains_logs_its_fill_and_resumes_exactly(pretrain_work):
+    """run.py with ``pretrain.packing=ffd``: its start line and every metrics record give a fill
+    rate above the padded one of the same samples, the record's work counts are the packed rows',
+    and a run stopped after step 2 then resumed repeats the straight run's losses and weights
+    exactly (the packer is a function of the micro-batch; the sampler position is per sample)."""
+    import json
+    import sys
+
+    from data_prep import DistributedPretrainingSampler, PretrainingDataset
+    from pretrain.checkpoint import fp32_state_dict, tag_for
+    from tests.pretrain_helpers import ROOT, RUN, losses, run
+
+    common = [sys.executable, str(RUN), "--config", str(ROOT / "ds_configs/cpu_seq128.json"), "--data", "data/seq128",
+              "--max-steps", "4", "--train-batch-size", "16", "--micro-batch-size", "8",
+              "--set", "pretrain.log_every=1", "--set", "pretrain.eval_samples=16", "--set", "bf16.enabled=false",
+              "--set", "pretrain.packing=ffd", "--set", "pretrain.num_workers=1"]
+    straight = run(common + ["--output", "packed"], pretrain_work)
+    run(common + ["--output", "packed_resumed", "--stop-after", "2"], pretrain_work)
+    resumed = run(common + ["--output", "packed_resumed", "--resume"], pretrain_work)
+    assert "resumed from step0000002" in resumed
+
+    data = PretrainingDataset(pretrain_work / "data" / "seq128", seed=42)
+    train = [k for k in range(data.manifest["num_shards"]) if k not in data.manifest["split"]["heldout_shards"]]
+    data = PretrainingDataset(pretrain_work / "data" / "seq128", seed=42, shards=train)
+    order = DistributedPretrainingSampler(data, 1, 0, seed=42).indices()[:4096]  # run.FILL_SAMPLES
+    every = [len(data.raw(int(i))["tokens"]) for i in order]
+    padded_fill = fill_rate(every, 8, 128, None)
+    assert f"packed (ffd) into rows of 128: fill {fill_rate(every, 8, 128, 128):.3f} (padded {padded_fill:.3f})" \
+        in straight
+    lengths = every[:4 * 16]  # the 4 steps'
+    records = [json.loads(x) for x in (pretrain_work / "packed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r, k in zip(steps, range(4)):
+        chunk = lengths[16 * k:16 * k + 16]
+        assert r["work"]["tokens"] == sum(chunk) and r["work"]["samples"] == 16
+        assert r["work"]["pairs"] == sum(n * n for n in chunk)  # a packed token attends over its own sample
+        assert r["fill"] == pytest.approx(r["work"]["tokens"] / r["work"]["positions"])
+        assert r["fill"] == pytest.approx(fill_rate(chunk, 8, 128, 128))
+    assert sum(r["work"]["tokens"] for r in steps) / sum(r["work"]["positions"] for r in steps) > padded_fill
+
+    a, b = losses(pretrain_work / "packed"), losses(pretrain_work / "packed_resumed")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4] and a == b  # exact floats
+    wa = fp32_state_dict(pretrain_work / "packed" / "checkpoints", tag_for(4))
+    wb = fp32_state_dict(pretrain_work / "packed_resumed" / "checkpoints", tag_for(4))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
