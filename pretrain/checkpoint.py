@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import random
+import resource
 import shutil
 import sys
 from pathlib import Path
@@ -186,8 +187,35 @@ def saved_already(tag_dir: Path, device) -> bool:
     return bool(from_rank0(mine, device))
 
 
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written on some rank; raised on every rank, nothing marked
+    complete. ``str()`` is the one line to print, on the first failing rank only (empty elsewhere)."""
+
+
+def save_failure(tag_dir: Path, exc: BaseException) -> str:
+    """One line naming the checkpoint and the cause: torch.save's own error ('unexpected pos')
+    names neither the file nor why."""
+    what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    try:
+        free = shutil.disk_usage(tag_dir.parent).free
+    except OSError:
+        free = None
+    if limit != resource.RLIM_INFINITY:
+        hint = f"file size limit {limit:,} bytes, ulimit -f"
+    elif free is not None and free < 64 << 20:
+        hint = f"disk full: {free:,} bytes free"
+    else:
+        hint = "disk full or file size limit?"
+    return f"checkpoint save to {tag_dir} failed: {type(exc).__name__}: {what} ({hint})"
+
+
 def save(engine, output: Path, step: int, client_state: dict, model_config_json: str, keep: int) -> Path:
-    """Write checkpoint ``step`` on every rank; rank 0 then marks it complete and prunes."""
+    """Write checkpoint ``step`` on every rank; rank 0 then marks it complete and prunes.
+
+    A write that fails on any rank (disk full, file size limit) raises :class:`SaveFailed` on
+    every rank, with no rank left waiting in a collective: the ranks agree on the outcome where
+    they used to wait for each other's files."""
     import deepspeed.comm as dist
 
     ckpt_dir = output / "checkpoints"
@@ -199,12 +227,28 @@ def save(engine, output: Path, step: int, client_state: dict, model_config_json:
     if rank == 0 and tag_dir.is_dir():  # an unfinished save of this step from a run that died
         shutil.rmtree(tag_dir)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    with atomic_path(tag_dir / f"rng_rank{rank}.pt") as tmp:
-        torch.save(rng_state(), tmp)
-    if rank == 0:
-        write_text(tag_dir / "model_config.json", model_config_json)
-    dist.barrier()  # every rank's files are on disk
+    failed = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as exc:  # torch.save's writer raises RuntimeError on a short write
+        failed = save_failure(tag_dir, exc)
+        # DeepSpeed's save ends in a barrier the ranks that wrote their files wait in; the writes
+        # are the last thing before it, so this rank, having skipped it, joins it here.
+        dist.barrier()
+    if failed is None:
+        try:
+            with atomic_path(tag_dir / f"rng_rank{rank}.pt") as tmp:
+                torch.save(rng_state(), tmp)
+            if rank == 0:
+                write_text(tag_dir / "model_config.json", model_config_json)
+        except (OSError, RuntimeError) as exc:
+            failed = save_failure(tag_dir, exc)
+    # Every rank's files are on disk, or the first rank that failed says why (one line, not N).
+    world = dist.get_world_size()
+    first = torch.tensor([float(rank if failed else world)], device=engine.device)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    if first.item() < world:
+        raise SaveFailed(failed if int(first.item()) == rank else "")
     if rank == 0:
         files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != MARKER
                  and not p.name.startswith(".")}

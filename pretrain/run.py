@@ -47,6 +47,11 @@ from pretrain.packing import fill_rate  # noqa: E402
 from pretrain.steps import StepAccountant, TrainingDiverged  # noqa: E402
 from pretrain.stop import StopRequest  # noqa: E402
 
+# Exit codes: 0 finished, or stopped on request with a checkpoint; 2 a bad config or input (one line
+# naming it); 3 stopped on non-finite values; EXIT_SAVE_FAILED a checkpoint could not be written
+# (one line naming it and the cause; the last complete checkpoint stands, --resume continues there).
+EXIT_SAVE_FAILED = 4
+
 # Keys whose change would make a resumed run a different run.
 RESUME_KEYS = ("optimizer", "scheduler", "train_batch_size", "zero_optimization", "bf16", "fp16",
                "pretrain.model", "pretrain.seq_len", "pretrain.max_predictions", "pretrain.seed", "data.build_id")
@@ -458,6 +463,14 @@ class TrainingRun:
                 print(f"pretrain: {exc} (at step {p['step']}). Last checkpoint: "
                       f"{checkpoint.latest_tag(self.output / 'checkpoints') or 'none'}", file=sys.stderr, flush=True)
             return 3
+        except checkpoint.SaveFailed as exc:  # raised on every rank alike
+            self.metrics.close()
+            if str(exc):
+                print(f"pretrain: {exc}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            # Not a return: at interpreter exit the rank would wait for its DataLoader workers, which
+            # ignore SIGTERM; without their rank they leave by themselves (PyTorch's worker watchdog).
+            os._exit(EXIT_SAVE_FAILED)
         finally:
             self.metrics.close()
         if self.is_main:
