@@ -5,8 +5,10 @@ root with every file in one temporary directory.
 The node is this machine with its real CPUs and memory (``slurmd -C``); processes are tracked by
 parentage (``proctrack/linuxproc``) and not bound (``task/none``), so no cgroups or systemd are
 needed. Its own munge key and socket, free ports for the daemons and ``SLURM_CONF`` in every
-command's environment keep it apart from any Slurm the machine already runs. :func:`why_not`
-says why it cannot run here (the tests skip with that reason).
+command's environment keep it apart from any Slurm the machine already runs. Two settings are
+shortened for the tests: credentials live CRED_EXPIRE seconds (a requeued job waits that long, 2
+minutes by default) and the scheduler looks at pending jobs every second (60 s by default).
+:func:`why_not` says why it cannot run here (the tests skip with that reason).
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ from pathlib import Path
 from typing import Optional
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "scancel", "scontrol", "sinfo")
+# Seconds a job credential lives (Slurm's default: 120). A requeued job may start again only once
+# its previous run's credential has expired, so this is also how long a requeue waits.
+CRED_EXPIRE = 8
 
 
 def why_not() -> Optional[str]:
@@ -76,7 +81,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge / 'socket'}
+AuthInfo=socket={munge / 'socket'},cred_expire={CRED_EXPIRE}
 StateSaveLocation={state}
 SlurmdSpoolDir={spool}
 SlurmctldPidFile={self.root / 'slurmctld.pid'}
@@ -85,6 +90,7 @@ SlurmctldLogFile={log / 'slurmctld.log'}
 SlurmdLogFile={log / 'slurmd.log'}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
+SchedulerParameters=sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 JobAcctGatherType=jobacct_gather/none
