@@ -75,6 +75,15 @@ def slurm_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
             "MASTER_PORT": port}
 
 
+def launcher_rank(environ: Mapping[str, str] = os.environ) -> int:
+    """This process's rank as its launcher assigned it, readable before the process group exists
+    (0 in a plain run): for messages that would otherwise be printed once by every rank."""
+    for key in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if environ.get(key, "").isdigit():
+            return int(environ[key])
+    return int(slurm_env(environ).get("RANK", 0))
+
+
 def init_distributed() -> tuple[int, int]:
     """(rank, world size), with DeepSpeed's process group started."""
     import deepspeed

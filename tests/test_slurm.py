@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN, expand_hostlist, slurm_env
+from pretrain.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN, expand_hostlist, launcher_rank, slurm_env
 from tests.pretrain_helpers import PHASE1, ROOT, RUN, STEPS, check_stopped, env, losses
 from tests.slurm_cluster import SlurmCluster, why_not
 
@@ -66,6 +66,14 @@ def test_a_batch_script_is_no_rank():
     ``python`` there must not wait for ranks that were never started."""
     batch = {k: v for k, v in TASK.items() if not k.startswith("SLURM_STEP")}
     assert slurm_env(batch) == {} and slurm_env({}) == {}
+    assert launcher_rank(batch) == 0
+
+
+def test_the_rank_is_known_before_the_process_group():
+    """One rank prints the messages of the checks made before init_distributed: the launcher's rank."""
+    assert launcher_rank(TASK) == 5 and launcher_rank({}) == 0
+    assert launcher_rank(dict(TASK, RANK="3")) == 3  # a launcher started under srun sets its own
+    assert launcher_rank({"PMI_RANK": "2"}) == 2 and launcher_rank({"OMPI_COMM_WORLD_RANK": "7"}) == 7
 
 
 # -- a real cluster ---------------------------------------------------------------------------------
