@@ -416,7 +416,7 @@ class TrainingRun:
                     out = engine(**batch)
                     engine.backward(out.loss)
                     self.gns.end_micro(boundary=i == self.accum - 1)
-                    engine.step()
+                    self.acct.optimizer_step(boundary=i == self.accum - 1)  # engine.step(), its failures named
                     self.acct.micro_batch(out, batch)
                 p["samples"] += self.glob
                 # --stop-after N: requested so that the stop lands after step N, lag included
@@ -428,9 +428,12 @@ class TrainingRun:
                     p["step"] += 1
                 else:
                     p["skipped"] += 1
-                    if self.is_main:
+                    if self.is_main and self.acct.fp16:
                         print(f"step {p['step'] + 1}: skipped by the fp16 loss scaler (scale now "
                               f"{self.acct.loss_scale():g}, {p['skipped']} skipped so far)", flush=True)
+                    elif self.is_main:  # bf16 with DeepSpeed's own gradient scan on
+                        print(f"step {p['step'] + 1}: skipped by DeepSpeed: inf or NaN in the gradients "
+                              f"({p['skipped']} skipped so far)", flush=True)
                 step, stopping = p["step"], outcome.stop
                 if outcome.applied and step == cfg.max_steps:
                     stopping |= self.acct.flush()  # the run's last flags: a non-finite loss or norm stops it here
