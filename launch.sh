@@ -9,7 +9,8 @@
 #                        [--output-dir DIR] [--np N] [--hostfile H] [--launcher deepspeed|mpi|slurm]
 #                        [RUN_ARGS]   phase 1, phase 2 or both chained (run.py flags pass through)
 #                        --launcher slurm: each phase is an srun step (inside sbatch/salloc; see
-#                        slurm/pretrain.sbatch); a phase stopped before its last step exits 75
+#                        slurm/pretrain.sbatch). A phase stopped before its last step (a signal,
+#                        --stop-after) exits 75 and the next phase does not start
 #   ./launch.sh squad ARGS            python finetune/squad.py ARGS  (--np N: DeepSpeed processes)
 #   ./launch.sh export CKPT OUT       python -m pretrain.export CKPT OUT
 #   ./launch.sh bench NAME [ARGS]     python bench/NAME.py ARGS  (optim_step, data_prep, squad, ...)
@@ -163,9 +164,9 @@ cmd_pretrain() {
     local p1=() p2=() out1="" out2=""
     [[ -n "$data_dir" ]] && p1+=(--data "$data_dir/seq128") && p2+=(--data "$data_dir/seq512")
     [[ -n "$output_dir" ]] && p1+=(--output "$output_dir/phase1") && p2+=(--output "$output_dir/phase2" --init-checkpoint "$output_dir/phase1")
+    # A phase's output tells a finished phase from a stopped one (run.py exits 0 either way).
+    out1="$(flag_value --output "${p1[@]}" "${rest[@]}")" out2="$(flag_value --output "${p2[@]}" "${rest[@]}")"
     if [[ "$kind" == slurm ]]; then
-        # A phase's output must be known to tell a finished phase from a stopped one.
-        out1="$(flag_value --output "${p1[@]}" "${rest[@]}")" out2="$(flag_value --output "${p2[@]}" "${rest[@]}")"
         [[ -n "$out1" ]] \
             || die "--launcher slurm needs --output-dir DIR (or --output): a requeued job resumes from there"
         # srun answers the SIGUSR1 a batch script forwards by passing it to the ranks, SIGTERM by
@@ -215,9 +216,10 @@ PY
     return "$rc"
 }
 
-# pretrain_phase N CONFIG KIND OUT CMD...: run one phase. Under Slurm a phase whose output is
-# finished is skipped (a requeued job does not start it again), and one that returned before its
-# last step stopped on request: the next phase must not start from it, so exit STOPPED_EXIT.
+# pretrain_phase N CONFIG KIND OUT CMD...: run one phase. A phase that returned before its last
+# step stopped on request (a signal, --stop-after): the next phase must not start from it, so exit
+# STOPPED_EXIT (whatever the launcher; not checkable when the output is unknown). Under Slurm a
+# phase whose output is finished is also skipped (a requeued job does not start it again).
 pretrain_phase() {
     local n="$1" config="$2" kind="$3" out="$4"; shift 4
     local dry=0
@@ -227,14 +229,10 @@ pretrain_phase() {
         return 0
     fi
     log "phase $n: $config"
-    if [[ "$kind" != slurm ]]; then
-        run "$@"
-        return
-    fi
     local rc=0
     run "$@" || rc=$?
     [[ $rc == 0 ]] || exit "$rc"
-    if [[ $dry == 0 ]] && ! phase_finished "$out"; then
+    if [[ $dry == 0 && -n "$out" ]] && ! phase_finished "$out"; then
         log "phase $n stopped before its last step; its checkpoint in $out continues with --resume (exit $STOPPED_EXIT)"
         exit "$STOPPED_EXIT"
     fi

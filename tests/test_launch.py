@@ -85,3 +85,22 @@ def test_readme_and_ci_run_the_same_commands():
     commands = [line.split("#")[0].strip() for line in first_block.splitlines()[1:] if line.strip()]
     assert commands == ["./launch.sh demo", "./launch.sh test"]
     assert "./launch.sh test" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.slow
+def test_a_stopped_phase_1_does_not_start_phase_2(pretrain_work, tmp_path):
+    """A phase that returns before its last step (here --stop-after; a signal to the ranks alone or
+    Ctrl-C that leaves the script running does the same) exits 75: phase 2 must not start from an
+    unfinished phase 1, whatever the launcher."""
+    from tests.pretrain_helpers import env
+
+    out = tmp_path / "run"
+    cmd = [str(ROOT / "launch.sh"), "pretrain", "--np", "1", "--config1", str(ROOT / "ds_configs/cpu_seq128.json"),
+           "--config2", str(ROOT / "ds_configs/cpu_seq512.json"), "--data-dir", str(pretrain_work / "data"),
+           "--output-dir", str(out), "--max-steps", "4", "--train-batch-size", "8", "--micro-batch-size", "4",
+           "--set", "pretrain.eval_samples=0", "--stop-after", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(env(), LAUNCH_DRY_RUN="0"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 75, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "phase 1 stopped before its last step" in proc.stderr
+    assert (out / "phase1" / "checkpoints").is_dir() and not (out / "phase2").exists()
