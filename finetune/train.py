@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from pretrain import checkpoint as ckpt
+from pretrain.distributed import launcher_rank
 
 # Arguments whose change makes a resumed run another run (files: by content, below).
 RESUME_ARGS = ("checkpoint", "max_train_examples", "version_2", "max_seq_length", "doc_stride", "max_query_length",
@@ -87,7 +88,7 @@ def check_output(out_dir: Path, resume: bool, fp: dict) -> str:
         if old is not None and old.get("hash") == fp["hash"]:
             return "done"
     if old is None:
-        if os.environ.get("RANK", "0") == "0":
+        if launcher_rank() == 0:
             print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from step 0", flush=True)
         return "fresh"
     if old.get("hash") != fp["hash"]:

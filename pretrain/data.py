@@ -14,7 +14,6 @@ the micro-batch (in samples) are the same either way. The held-out evaluation st
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader
 from data_prep import DistributedPretrainingSampler, PretrainingDataset
 
 from .config import ConfigError, PretrainConfig
+from .distributed import launcher_rank
 from .packing import Packer
 from .stop import ignore_in_worker
 
@@ -85,7 +85,7 @@ def heldout_shards(info: DataInfo, cfg: PretrainConfig) -> tuple[list[int], bool
 def datasets(info: DataInfo, cfg: PretrainConfig) -> tuple[PretrainingDataset, Optional[PretrainingDataset]]:
     n = info.manifest["num_shards"]
     held, by_document = heldout_shards(info, cfg)
-    talk = os.environ.get("RANK", "0") == "0"
+    talk = launcher_rank() == 0
     if held and not by_document and talk:
         print(f"pretrain: {info.path} has no document split (built before data_prep split by document): its last "
               f"{len(held)} shard(s) are held out, but their documents also feed training samples; rebuild for a "
