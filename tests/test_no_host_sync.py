@@ -70,21 +70,27 @@ class PythonSideRecorder(TorchFunctionMode):
 
 
 class Batches:
-    """The data stream's interface over padded batches made in memory (the loader is not the step)."""
+    """The data stream's interface over batches made in memory (the loader is not the step), padded
+    or packed by pretrain/packing.py's Packer into rows of twice the sequence length."""
 
     epoch = 0
 
-    def __init__(self) -> None:
+    def __init__(self, packed: bool = False) -> None:
+        from pretrain.packing import Packer
+
+        packer = Packer(seq_len=SEQ, pack_len=2 * SEQ, micro_batch=MICRO) if packed else None
         g = torch.Generator().manual_seed(0)
         self.batches = []
         for k in range(4):
             ids = torch.randint(5, V, (MICRO, SEQ), generator=g)
             mask = torch.ones_like(ids)
             mask[:, SEQ - 3 - k:] = 0  # padding in every row
-            self.batches.append({"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask,
-                                 "masked_lm_positions": torch.randint(1, SEQ - 8, (MICRO, P), generator=g),
-                                 "masked_lm_labels": torch.randint(5, V, (MICRO, P), generator=g),
-                                 "next_sentence_label": torch.randint(0, 2, (MICRO,), generator=g)})
+            ids *= mask
+            batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask,
+                     "masked_lm_positions": torch.randint(1, SEQ - 8, (MICRO, P), generator=g),
+                     "masked_lm_labels": torch.randint(5, V, (MICRO, P), generator=g),
+                     "next_sentence_label": torch.randint(0, 2, (MICRO,), generator=g)}
+            self.batches.append(packer.pack(batch) if packer else batch)
         self.i = 0
 
     def next(self) -> dict:
@@ -105,7 +111,7 @@ def process_group():
     init_distributed()
 
 
-def record_steps(tmp_path, zero: int, bf16: bool, wrap_forward=None) -> list:
+def record_steps(tmp_path, zero: int, bf16: bool, wrap_forward=None, packed: bool = False) -> list:
     """Train STEPS steps (a log at the last only, the noise scale measured at every other step)
     and return the host syncs recorded outside the allowed places, after the first step."""
     import optim
@@ -126,7 +132,7 @@ def record_steps(tmp_path, zero: int, bf16: bool, wrap_forward=None) -> list:
     cfg = PretrainConfig(data="in-memory", output=str(tmp_path), max_steps=STEPS, log_every=STEPS, gns_every=2,
                          tensorboard=False)
     progress = {"step": 0, "samples": 0, "skipped": 0}
-    run = TrainingRun(SimpleNamespace(stop_after=None), cfg, engine, Batches(), None, tmp_path, progress, {}, "{}",
+    run = TrainingRun(SimpleNamespace(stop_after=None), cfg, engine, Batches(packed), None, tmp_path, progress, {}, "{}",
                       glob=MICRO * ACCUM, micro=MICRO, accum=ACCUM, world=1, rank=0,
                       flop_rates=FlopRates.of(model.config), peak_flops=1e12, min_loss_scale=1)
     assert run.gns.enabled
@@ -137,9 +143,10 @@ def record_steps(tmp_path, zero: int, bf16: bool, wrap_forward=None) -> list:
     return [e for e in recorder.events if e[1] >= 1]
 
 
-@pytest.mark.parametrize("zero,bf16", [(2, True), (1, True), (0, False)], ids=["zero2-bf16", "zero1-bf16", "fp32"])
-def test_no_host_sync_between_logging_steps(tmp_path, process_group, zero, bf16):
-    events = record_steps(tmp_path, zero, bf16)
+@pytest.mark.parametrize("zero,bf16,packed", [(2, True, False), (1, True, False), (0, False, False), (2, True, True)],
+                         ids=["zero2-bf16", "zero1-bf16", "fp32", "zero2-bf16-packed"])
+def test_no_host_sync_between_logging_steps(tmp_path, process_group, zero, bf16, packed):
+    events = record_steps(tmp_path, zero, bf16, packed=packed)
     assert not events, "host syncs inside training steps:\n" + "\n".join(
         f"  step {step + 1}: {what} at {' <- '.join(reversed(where))}" for what, step, where in events)
 
