@@ -210,8 +210,10 @@ def save_failure(tag_dir: Path, exc: BaseException) -> str:
     return f"checkpoint save to {tag_dir} failed: {type(exc).__name__}: {what} ({hint})"
 
 
-def save(engine, output: Path, step: int, client_state: dict, model_config_json: str, keep: int) -> Path:
-    """Write checkpoint ``step`` on every rank; rank 0 then marks it complete and prunes.
+def save(engine, output: Path, step: int, client_state: dict, model_config_json: str, keep: int,
+         rng: Optional[dict] = None) -> Path:
+    """Write checkpoint ``step`` on every rank; rank 0 then marks it complete and prunes. ``rng``:
+    the RNG states to record (default: the current ones; a stop mid-step saves those of its start).
 
     A write that fails on any rank (disk full, file size limit) raises :class:`SaveFailed` on
     every rank, with no rank left waiting in a collective: the ranks agree on the outcome where
@@ -238,7 +240,7 @@ def save(engine, output: Path, step: int, client_state: dict, model_config_json:
     if failed is None:
         try:
             with atomic_path(tag_dir / f"rng_rank{rank}.pt") as tmp:
-                torch.save(rng_state(), tmp)
+                torch.save(rng if rng is not None else rng_state(), tmp)
             if rank == 0:
                 write_text(tag_dir / "model_config.json", model_config_json)
         except (OSError, RuntimeError) as exc:

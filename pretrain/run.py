@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,6 +52,8 @@ from pretrain.stop import StopRequest  # noqa: E402
 # naming it); 3 stopped on non-finite values; EXIT_SAVE_FAILED a checkpoint could not be written
 # (one line naming it and the cause; the last complete checkpoint stands, --resume continues there).
 EXIT_SAVE_FAILED = 4
+# Seconds between SIGTERM and SIGKILL: DeepSpeed's launcher, and Slurm's default KillWait.
+STOP_GRACE_S = 30
 
 # Keys whose change would make a resumed run a different run.
 RESUME_KEYS = ("optimizer", "scheduler", "train_batch_size", "zero_optimization", "bf16", "fp16",
@@ -326,6 +329,7 @@ class TrainingRun:
         self.dist = dist
         self.metrics = MetricsLogger(output, self.is_main, cfg.tensorboard, progress["step"])
         self.stop = StopRequest(announce=self.is_main)
+        self.step_s, self.grace_checked = 0.0, False  # the last step's seconds; whether check_grace ran
         self.gns = NoiseScale(engine, every=cfg.gns_every, ema=cfg.gns_ema, micro=micro, glob=glob, accum=accum,
                               all_reduce=dist.all_reduce)
         if cfg.gns_every and not self.gns.enabled and self.is_main:
@@ -336,22 +340,55 @@ class TrainingRun:
                                    min_loss_scale=min_loss_scale,
                                    all_reduce=lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX))
 
-    def save(self) -> None:
+    def save(self, boundary: tuple | None = None) -> None:
+        t = time.perf_counter()
         with self.metrics.paused():
-            self._save()
+            self._save(boundary)
+        if not self.grace_checked and self.step_s:
+            self.grace_checked = True
+            self.check_grace(time.perf_counter() - t)
 
-    def _save(self) -> None:
+    def check_grace(self, save_s: float) -> None:
+        """Say once, after the first save, when a stop may not fit in launchers' grace period: it
+        is agreed within 2 micro-batches (lag 1) and then saved."""
+        stop_s = 2 * self.step_s / self.accum + save_s
+        if stop_s > STOP_GRACE_S and self.is_main:
+            print(f"pretrain: a stop may take ~{stop_s:.0f} s (2 micro-batches of {self.step_s / self.accum:.1f} s, "
+                  f"a save of {save_s:.0f} s), more than the {STOP_GRACE_S} s launchers wait after SIGTERM before "
+                  "SIGKILL (DeepSpeed; Slurm's default KillWait): raise KillWait, or have Slurm signal ahead "
+                  "(--signal=B:USR1@SECONDS)", flush=True)
+
+    def _save(self, boundary: tuple | None = None) -> None:
+        """``boundary``: (sampler state, RNG states) where an unfinished step began, for a stop
+        mid-step: the checkpoint is the last complete step's, and a resume repeats the dropped
+        micro-batches with the same dropout."""
         p = self.progress
+        sampler, rng = boundary or (self.stream.state_dict(), None)
         client_state = {"step": p["step"], "samples": p["samples"], "skipped": p["skipped"],
-                        "sampler": self.stream.state_dict(), "fingerprint": self.fp}
+                        "sampler": sampler, "fingerprint": self.fp}
         tag_dir = checkpoint.save(self.engine, self.output, p["step"], client_state, self.model_meta,
-                                  self.cfg.keep_checkpoints)
+                                  self.cfg.keep_checkpoints, rng=rng)
         if self.cfg.export_on_save and self.is_main:
             from pretrain.export import export
 
             export(tag_dir, self.output / "hf")
         if self.is_main:
             print(f"checkpoint: {tag_dir}", flush=True)
+
+    def stop_mid_step(self, boundary: tuple, done: int) -> int:
+        """A stop agreed between micro-batches: the unfinished step is dropped (its gradients are
+        never applied) and the last complete step saved as it ended."""
+        self.acct.drop_partial_step()
+        self.acct.flush()  # the complete steps' flags: a non-finite loss or norm stops here, unsaved (exit 3)
+        if self.acct.interval_steps:
+            self.log()
+        self.save(boundary)
+        cause = self.stop_cause()
+        if self.is_main:
+            print(f"pretrain: stopped at step {self.progress['step']} on request ({cause}; step "
+                  f"{self.progress['step'] + 1} dropped after {done} of {self.accum} micro-batches); rerun with "
+                  "--resume to continue", flush=True)
+        return 0
 
     def stop_cause(self) -> str:
         """Why the run stops, as the ranks saw it (one gather, at the stop): a signal or a launcher
@@ -411,6 +448,9 @@ class TrainingRun:
         try:
             while p["step"] < cfg.max_steps:
                 self.gns.begin_step(p["step"] + 1, self.acct.loss_scale())
+                started = time.perf_counter()
+                # where a stop agreed mid-step goes back to (the data position and RNG of this step's start)
+                boundary = (self.stream.state_dict(), checkpoint.rng_state()) if self.accum > 1 else None
                 for i in range(self.accum):
                     batch = {k: v.to(device, non_blocking=True) for k, v in self.stream.next().items()}
                     out = engine(**batch)
@@ -418,6 +458,9 @@ class TrainingRun:
                     self.gns.end_micro(boundary=i == self.accum - 1)
                     self.acct.optimizer_step(boundary=i == self.accum - 1)  # engine.step(), its failures named
                     self.acct.micro_batch(out, batch)
+                    if i < self.accum - 1 and self.acct.stop_between_micro_batches(self.stop.poll()):
+                        return self.stop_mid_step(boundary, i + 1)
+                self.step_s = time.perf_counter() - started
                 p["samples"] += self.glob
                 # --stop-after N: requested so that the stop lands after step N, lag included
                 requested = self.stop.poll() or (self.args.stop_after is not None

@@ -9,6 +9,11 @@ statistics, without the host waiting for the GPU between logging steps.
   accelerators: by then the GPU has finished it and the host never waits for the step it has just
   queued; 0 on the CPU, where everything is synchronous anyway). A stop therefore lands ``lag``
   steps after the request, on every rank at the same step.
+* Between the micro-batches of a step the same collective goes out with only the stop flag set
+  (:meth:`StepAccountant.stop_between_micro_batches`), read ``lag`` micro-batches later: a stop
+  requested mid-step is agreed within ``lag + 1`` micro-batches, not at the end of a step that can
+  take longer than a launcher's grace period; the caller drops the partial step
+  (:meth:`StepAccountant.drop_partial_step`) and saves the last complete one.
 * fp16: DeepSpeed's dynamic loss scaler skips a step whose gradients overflowed (it has already
   synchronised to decide). A skipped step is no step: the step counter, the schedule and the
   statistics only count applied ones; skipped steps are counted and logged with the loss scale;
@@ -84,6 +89,7 @@ class StepAccountant:
         self.consecutive_skips = 0
         self.interval_steps = 0
         self._pending: deque = deque()
+        self._micro_pending: deque = deque()  # stop flags between micro-batches
         # Constants made once: a tensor built from a Python number on a GPU is a blocking copy.
         self._one = torch.ones((), dtype=torch.float64, device=device)
         self._zero = torch.zeros((), dtype=torch.float64, device=device)
@@ -120,6 +126,25 @@ class StepAccountant:
             floor = "" if self.min_loss_scale is None else f" {self.min_loss_scale:g}"
             raise TrainingDiverged(f"fp16 gradients overflow at the minimum loss scale{floor}: the loss scale "
                                    "cannot fall further. Lower the learning rate, or train in bf16") from None
+
+    def stop_between_micro_batches(self, requested: bool) -> bool:
+        """After a micro-batch that is not a step's last: True once every rank has agreed to stop
+        (a request anywhere, ``lag`` micro-batches ago). The flags collective, with only its stop
+        flag set."""
+        flags = torch.stack([self._one if requested else self._zero, self._zero, self._zero])
+        if self._all_reduce is not None:
+            self._all_reduce(flags)
+        self._micro_pending.append(_to_host(flags))
+        stop = False
+        while len(self._micro_pending) > self.lag:
+            stop |= self._read(self._micro_pending.popleft())
+        return stop
+
+    def drop_partial_step(self) -> None:
+        """Forget what the micro-batches of an unfinished step added (the step is not taken)."""
+        self.step_stats.zero_()
+        self.nonfinite = self._zero
+        self._grads_bad = None
 
     # -- per optimizer step -----------------------------------------------------------------------
     def end_step(self, stop_requested: bool) -> StepOutcome:

@@ -81,4 +81,55 @@ def test_a_signal_to_one_rank_is_reported_as_what_it_was(pretrain_work):
         log.close()
     text = (cwd / f"{out}.log").read_text()
     reached = check_stopped(cwd, out, text, seconds)
-    assert f"stopped at step {reached} on request (rank 1: received SIGTERM)" in text, text[-3000:]
+    assert f"stopped at step {reached} on request (rank 1: received SIGTERM" in text, text[-3000:]
+
+
+MID = ["--config", "{root}/ds_configs/cpu_seq128.json", "--data", "data/seq128", "--max-steps", "4",
+       "--train-batch-size", "128", "--micro-batch-size", "4", "--set", "pretrain.log_every=1",
+       "--set", "pretrain.checkpoint_every=0", "--set", "pretrain.eval_every=0", "--set", "pretrain.eval_samples=8",
+       "--set", "bf16.enabled=false"]
+
+
+def test_a_stop_mid_step_drops_the_step_saves_the_last_complete_one_and_resumes_equal(pretrain_work):
+    """32 micro-batches per step: a SIGTERM early in step 3 is agreed at the next micro-batch, step 3
+    is dropped and step 2 saved (the stop no longer waits for the end of a step, which at a 64k
+    batch takes longer than a launcher's grace); the resumed run repeats an uninterrupted one."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.pretrain_helpers import ROOT, RUN, env, free_port, losses
+
+    cwd = pretrain_work
+    args = [a.format(root=ROOT) for a in MID]
+
+    def launch(out, *extra, **kw):
+        return subprocess.Popen([sys.executable, str(RUN), *args, "--output", out, *extra], cwd=cwd,
+                                env=dict(env(), MASTER_PORT=str(free_port())), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, **kw)
+
+    straight = launch("mid_straight")
+    stopped = launch("mid_stopped")
+    try:
+        deadline = time.time() + 120
+        while not (cwd / "mid_stopped/metrics.jsonl").is_file() or max(losses(cwd / "mid_stopped"), default=0) < 2:
+            assert stopped.poll() is None and time.time() < deadline, stopped.stdout.read()[-3000:]
+            time.sleep(0.02)
+        stopped.send_signal(signal.SIGTERM)  # step 3 has just begun
+        text = stopped.communicate(timeout=60)[0]
+        assert straight.wait(timeout=120) == 0, straight.stdout.read()[-3000:]
+    finally:
+        for p in (straight, stopped):
+            if p.poll() is None:
+                p.kill()
+    assert stopped.returncode == 0, text[-3000:]
+    assert "stopped at step 2 on request (received SIGTERM; step 3 dropped after " in text, text[-3000:]
+    ckpt = cwd / "mid_stopped" / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step0000002"] and (ckpt / "step0000002/complete.json").is_file()
+    assert max(losses(cwd / "mid_stopped")) == 2  # step 3 was never taken
+    resumed = launch("mid_stopped", "--resume")
+    out = resumed.communicate(timeout=120)[0]
+    assert resumed.returncode == 0 and "resumed from step0000002" in out, out[-3000:]
+    assert losses(cwd / "mid_stopped") == losses(cwd / "mid_straight")  # the same floats, step for step
+    assert os.path.isfile(ckpt / "step0000004" / "complete.json")
