@@ -4,7 +4,7 @@ no internet (as the project's device machine), built here with internet and the 
     python bench/prepare_offline.py DIR [--python-version 3.12]
     (the same as: python bench/gpu_check.py --prepare DIR)
 
-DIR/data   the embedded corpus as pretraining shards (seq 128, the standard 30,522 uncased vocab)
+DIR/data   the embedded corpus as pretraining shards (seq 128 and 512, the standard 30,522 uncased vocab)
 DIR/whl    DeepSpeed's wheel built from its source release (no ops compiled ahead: this project's
            optimizers need none) and pure-Python wheels of hjson and pydantic (with pydantic-core
            for CPython --python-version, manylinux x86-64)

