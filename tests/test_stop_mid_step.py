@@ -40,3 +40,14 @@ def test_a_dropped_partial_step_leaves_no_statistics_or_flags():
     acct.drop_partial_step()
     assert acct.end_step(stop_requested=False).applied  # no TrainingDiverged: that step was never taken
     assert acct.take_interval()["micro_batches"] == 0
+
+
+def test_a_run_says_when_a_stop_may_not_fit_in_the_launchers_grace(capsys):
+    from pretrain.run import TrainingRun
+
+    run = SimpleNamespace(step_s=40.0, accum=4, is_main=True)  # 10 s micro-batches
+    TrainingRun.check_grace(run, save_s=12.0)  # 2 x 10 + 12 = 32 s
+    assert capsys.readouterr().out.startswith("pretrain: a stop may take ~32 s (2 micro-batches of 10.0 s, a save "
+                                              "of 12 s), more than the 30 s launchers wait after SIGTERM")
+    TrainingRun.check_grace(SimpleNamespace(step_s=40.0, accum=8, is_main=True), save_s=12.0)  # 22 s: fits
+    assert capsys.readouterr().out == ""
