@@ -58,8 +58,12 @@ class PretrainConfig:
     gns_ema: float = 0.95                 # decay of the noise scale's moving averages, per measurement
     max_consecutive_skips: int = 50       # fp16: steps in a row the loss scaler may skip before the run stops
     peak_tflops: Optional[float] = None   # accelerator peak for MFU (default: pretrain.metrics.PEAK_TFLOPS)
-    compile: str = "off"                  # torch.compile the model: "off", "default" (the accelerator's
-                                          # backend: inductor on GPUs) or a backend name ("aot_eager", ...)
+    compile: str = "auto"                 # torch.compile (the accelerator's backend, inductor on GPUs):
+                                          # "layers" each encoder layer in place (one graph for all of them,
+                                          # a short first step), "model" the whole module ("default": the
+                                          # same), "off" eager, "auto" = "layers" on an accelerator and "off"
+                                          # on the CPU; or a backend name ("aot_eager", ...): the whole module
+                                          # with that backend. config.effective.json records the resolved mode
     packing: str = "off"                  # "ffd": several samples per row of pack_len positions, attention
                                           # confined to each sample (pretrain/packing.py); the same math,
                                           # fewer padding positions. Micro/global batches stay in samples
@@ -85,7 +89,8 @@ class PretrainConfig:
         if self.peak_tflops is not None and not float(self.peak_tflops) > 0:
             raise bad("peak_tflops", f"must be a positive number, got {self.peak_tflops!r}")
         if not isinstance(self.compile, str) or not self.compile:
-            raise bad("compile", f"must be \"off\", \"default\" or a torch.compile backend name, got {self.compile!r}")
+            raise bad("compile", "must be \"auto\", \"layers\", \"model\", \"off\" or a torch.compile backend name, "
+                      f"got {self.compile!r}")
         if self.packing not in PACKING_MODES:
             raise bad("packing", f"must be one of {PACKING_MODES}, got {self.packing!r}")
         if self.pack_len is not None and (not isinstance(self.pack_len, int) or self.pack_len < self.seq_len):

@@ -208,6 +208,8 @@ class MetricsLogger:
                 parts.append(f"B_noise {record['gns_b_simple']:.4g}" + (f"±{err:.2g}" if err is not None else ""))
             if record.get("loss_scale") is not None:
                 parts.append(f"scale {record['loss_scale']:g} skipped {record.get('skipped_steps', 0)}")
+            if record.get("compiled_graphs"):
+                parts.append(f"graphs {record['compiled_graphs']}")
             if "trust_median" in record:
                 parts.append(f"trust {record['trust_min']:.3g}/{record['trust_median']:.3g}/{record['trust_max']:.3g}")
             print(" | ".join(parts), flush=True)

@@ -154,24 +154,104 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# pretrain.compile: what torch.compile compiles (or a backend name: the whole model with that backend)
+COMPILE_MODES = {
+    "off": "eager",
+    "auto": '"layers" on an accelerator, "off" on the CPU',
+    "layers": "each encoder layer in place, one compiled graph shared by all (regional compilation)",
+    "model": "the whole module (DeepSpeed's engine.compile)",
+    "default": '"model" (the name earlier configs use)',
+}
+
+
 def check_compile(setting: str) -> None:
-    """``pretrain.compile``: "off", "default" or a backend ``torch.compile`` knows (checked before
-    any process group exists; an unknown name would otherwise fail at the first step)."""
-    if setting in ("off", "default"):
+    """``pretrain.compile``: one of ``COMPILE_MODES`` or a backend ``torch.compile`` knows (checked
+    before any process group exists; an unknown name would otherwise fail at the first step)."""
+    if setting in COMPILE_MODES:
         return
     import torch._dynamo
 
     known = [b for b in torch._dynamo.list_backends(exclude_tags=()) if "TESTING" not in b and "minifier" not in b]
     if setting not in known:
-        raise ValueError(f"pretrain.compile {setting!r} is not a torch.compile backend (\"off\", \"default\", "
-                         f"or one of {sorted(known)})")
+        raise ValueError(f"pretrain.compile {setting!r} is not a torch.compile backend (modes "
+                         f"{', '.join(map(repr, COMPILE_MODES))}, or one of {sorted(known)})")
 
 
-def compile_engine(engine, setting: str) -> None:
-    """Compile the engine's module in place (parameter names, hence checkpoints, are unchanged)."""
-    if setting != "off":
-        engine.compile(**({} if setting == "default" else {"backend": setting}))
+def resolve_compile(setting: str, device_kind: str | None = None) -> str:
+    """What a run compiles: "auto" is "layers" on an accelerator and "off" on the CPU (there
+    inductor's C++ compilation takes longer than a short run's whole training), "default" is
+    "model"; other settings stay. ``device_kind`` defaults to DeepSpeed's accelerator ("cuda", ...)."""
+    if setting == "auto":
+        if device_kind is None:
+            from deepspeed.accelerator import get_accelerator
+
+            device_kind = get_accelerator().device_name()
+        return "off" if device_kind == "cpu" else "layers"
+    return "model" if setting == "default" else setting
 
 
-__all__ = ["PRESETS", "BertPretrainingModel", "PretrainingOutput", "bert_config", "build_model",
-           "load_weights", "count_parameters", "check_compile", "compile_engine"]
+def _batch_dim_dynamic(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the eager module around the compiled ones (the encoder, or the engine):
+    dimension 0 of the tensors it passes on is dynamic from the first compilation on, so one graph
+    serves every packed row count, instead of a static graph for the first count and a recompiled
+    dynamic one at the first other count. ``maybe_``: a dimension the graph needs fixed (the
+    samples' count) or a count of 1 specialises rather than fails."""
+    for t in (*args, *kwargs.values()):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+def compile_layers(model: BertPretrainingModel, backend: str = "inductor", dynamic_rows: bool = False) -> int:
+    """Regional compilation: ``torch.compile`` each encoder layer in place (``Module.compile``).
+
+    The layers run the same code on same-shaped inputs, so Dynamo compiles the first and the
+    others reuse its graph (their parameters are graph inputs, not constants): the first step
+    costs one layer's compilation whatever the depth. In place, so the module tree and the
+    parameter names, hence state_dict, checkpoints and the export, are the eager model's. With
+    ``dynamic_rows`` the batch dimension is dynamic from the start (packed rows). Returns the
+    number of layers compiled."""
+    import torch._dynamo  # the pre-hook's maybe_mark_dynamic
+
+    layers = model.bert.encoder.layer
+    for layer in layers:
+        layer.compile(backend=backend)
+    if dynamic_rows:
+        model.bert.encoder.register_forward_pre_hook(_batch_dim_dynamic, with_kwargs=True)
+    return len(layers)
+
+
+def compile_engine(engine, setting: str, dynamic_rows: bool = False, auto: bool = False) -> str:
+    """Compile the engine's module as ``setting`` (resolved: not "auto") says; parameter names,
+    hence checkpoints, are unchanged either way. ``dynamic_rows``: the batch dimension varies
+    (packed micro-batches). Returns the start line's note; ``auto``: the setting came from "auto"."""
+    how = f"auto on {engine.device.type}" if auto else ""
+    if setting == "off":
+        return ", compile off" + (f" ({how})" if how else "")
+    from deepspeed.accelerator import get_accelerator
+
+    backend = get_accelerator().get_compile_backend()
+    if setting == "layers":
+        n = compile_layers(engine.module, backend, dynamic_rows)
+        what = f"layers: {n} encoder layers, {backend}"
+    else:  # the whole module, with the accelerator's backend or the one named
+        whole = setting in ("model", "default")
+        engine.compile(backend=backend if whole else setting)
+        what = f"model, {backend}" if whole else setting
+        if dynamic_rows:  # the engine's forward stays eager: its pre-hook runs before the compiled module
+            import torch._dynamo
+
+            engine.register_forward_pre_hook(_batch_dim_dynamic, with_kwargs=True)
+    return f", model compiled ({what}{'; ' + how if how else ''})"
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (Dynamo's counter: a Python int, no
+    device sync). It stops growing once every shape the run feeds has been compiled."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+__all__ = ["PRESETS", "COMPILE_MODES", "BertPretrainingModel", "PretrainingOutput", "bert_config", "build_model",
+           "load_weights", "count_parameters", "check_compile", "resolve_compile", "compile_layers",
+           "compile_engine", "compiled_graphs"]

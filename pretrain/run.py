@@ -42,8 +42,8 @@ from pretrain import outdir  # noqa: E402
 from pretrain.distributed import init_distributed  # noqa: E402
 from pretrain.gns import NoiseScale  # noqa: E402
 from pretrain.metrics import MetricsLogger, device_name, mfu_peak, peak_memory_gib  # noqa: E402
-from pretrain.model import (bert_config, build_model, check_compile, compile_engine, count_parameters,  # noqa: E402
-                           load_weights)
+from pretrain.model import (bert_config, build_model, check_compile, compile_engine, compiled_graphs,  # noqa: E402
+                           count_parameters, load_weights, resolve_compile)
 from pretrain.packing import fill_rate  # noqa: E402
 from pretrain.steps import StepAccountant, TrainingDiverged  # noqa: E402
 from pretrain.stop import StopRequest  # noqa: E402
@@ -255,6 +255,8 @@ def main(argv=None) -> int:
         optim.check_config(ds_cfg)
         bert_config(cfg.model, info.vocab_size)
         check_compile(cfg.compile)
+        compile_auto = cfg.compile == "auto"
+        cfg.compile = resolve_compile(cfg.compile)  # "auto" by the accelerator: config.effective.json says which
     except ValueError as exc:
         raise config_mod.ConfigError(f"{args.config}: {exc}") from None
     resuming = check_output(args, cfg, ds_cfg, info.manifest)  # refusals before anything is started
@@ -279,7 +281,7 @@ def main(argv=None) -> int:
     engine, _, _, _ = optim.initialize(model=model, config=ds_cfg, effective=effective)
     if init_kind == "deepspeed" and keep_state:
         checkpoint.restore_phase1_optimizer(engine, init_ckpt_dir, init_tag, cfg.init_optimizer_state)
-    compile_engine(engine, cfg.compile)
+    compile_note = compile_engine(engine, cfg.compile, dynamic_rows=cfg.packing != "off", auto=compile_auto)
 
     device = engine.device
     outdir.hold(output, rank, device)  # one run per output, before anything is written there: exit 2 if held
@@ -299,7 +301,7 @@ def main(argv=None) -> int:
               f"global batch {glob} = {micro} x {accum} accumulation x {world} ranks, "
               f"steps {progress['step']}->{cfg.max_steps}"
               + resumed + init_note(cfg.init_checkpoint, init_kind, keep_state) + fill_note(stream, cfg, micro)
-              + (f", model compiled ({cfg.compile})" if engine.is_compiled else ""), flush=True)
+              + compile_note, flush=True)
 
     from pretrain.flops import FlopRates
 
@@ -420,6 +422,7 @@ class TrainingRun:
                   "data_wait": self.stream.take_wait() / elapsed,
                   "peak_mem_gib": peak_memory_gib(), "loss_scale": self.acct.loss_scale(),
                   "skipped_steps": p["skipped"], "epoch": self.stream.epoch, "samples": p["samples"],
+                  "compiled_graphs": compiled_graphs(),  # grows at a recompilation (a new shape or guard)
                   **self.gns.record()}
         trust = getattr(self.engine.basic_optimizer, "trust_ratios", lambda: {})()
         every = self.cfg.trust_ratio_histogram_every
