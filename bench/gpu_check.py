@@ -9,7 +9,7 @@ and the efficiency of run.py (packed rows, a compiled model, no host syncs, the 
 Issue 28's one call (at most 9 minutes on one H100/H200; the stages in order of value, each cut
 at its budget, the call at --total):
 
-    python bench/gpu_check.py --data D --out OUT --stages m,y,b,c,o,s --total 530
+    python bench/gpu_check.py --data D --out OUT --one-call     (= --stages m,y,b,c,o,s --total 530)
 
 Expected seconds on an H100 (estimates from docs/gpu's runs 4 and 5, where a run.py launch
 spent ~45 s around ~6 s of training, the end-of-run checkpoint included; stage m's launches skip
@@ -17,7 +17,7 @@ that checkpoint): m ~300 (its budget: round 1, 8 launches of ~20-25 s start-up +
 compiled ones +30-60 s compiling; round 2 only where the budget leaves room), y ~90 (3 launches),
 b ~15, c ~200 (bf16, SIGTERM + --resume, fp16; cut at what --total leaves), o ~20, s ~60. What
 --total cuts (c's end, o, s) is the second call's: ``--stages c,o,s --total 200`` on the still
-warm machine.
+warm machine. docs/gpu.md gives the whole command for the project's device machine.
 
 Stages (``--stages a,b,o,d,e,c``, run in the order given; each prints a table row and one JSON line
 as it ends, also appended to OUT/gpu_check.jsonl, so a run cut off at its time limit still
@@ -120,6 +120,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, help="a data_prep output holding seq128/ (default: built by --prepare)")
     ap.add_argument("--out", type=Path, default=Path("gpu_check_out"))
     ap.add_argument("--stages", default=runner.DEFAULT_STAGES)
+    ap.add_argument("--one-call", action="store_true",
+                    help=f"issue 28's 9-minute call: --stages {runner.ONE_CALL_STAGES} --total {runner.ONE_CALL_TOTAL:.0f} "
+                         "(--total may still be given)")
     ap.add_argument("--model", default=None, help="preset for stages b-d (default large; bert-tiny with --smoke)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps of the bf16 runs (default 24)")
     ap.add_argument("--fp16-steps", type=int, default=None, help="optimizer steps of the fp16 run (default 16)")
@@ -150,6 +153,9 @@ def main(argv=None) -> int:
 
         prepare(args.prepare, args.python_version)
         return 0
+    if args.one_call:
+        args.stages = runner.ONE_CALL_STAGES
+        args.total = args.total if args.total is not None else runner.ONE_CALL_TOTAL
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in runner.STAGES]
     if unknown or not stages:

@@ -37,6 +37,7 @@ DEFAULT_STAGES = "a,b,o,d,e,c"  # the long stage last, so a cut-off run still re
 # Issue 28's one call of at most 9 minutes on one H100/H200, its stages in order of value
 # (--total 530 leaves the call's pip install and start-up inside 9 minutes)
 ONE_CALL_STAGES = "m,y,b,c,o,s"
+ONE_CALL_TOTAL = 530.0
 # Seconds a stage may run before it is cut: "T" = --stage-timeout (90 by default), "T+120" that
 # and 120 more (as before budgets); the numbers are sized from docs/gpu's H100 runs with room and
 # apply on an accelerator only (--smoke: where --budget or --total sets one; the run.py and
