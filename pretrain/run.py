@@ -387,8 +387,8 @@ class TrainingRun:
         self.save(boundary)
         cause = self.stop_cause()
         if self.is_main:
-            print(f"pretrain: stopped at step {self.progress['step']} on request ({cause}; step "
-                  f"{self.progress['step'] + 1} dropped after {done} of {self.accum} micro-batches); rerun with "
+            print(f"pretrain: stopped at step {self.progress['step']} on request ({cause}); step "
+                  f"{self.progress['step'] + 1} dropped after {done} of {self.accum} micro-batches; rerun with "
                   "--resume to continue", flush=True)
         return 0
 

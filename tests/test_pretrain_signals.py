@@ -81,7 +81,7 @@ def test_a_signal_to_one_rank_is_reported_as_what_it_was(pretrain_work):
         log.close()
     text = (cwd / f"{out}.log").read_text()
     reached = check_stopped(cwd, out, text, seconds)
-    assert f"stopped at step {reached} on request (rank 1: received SIGTERM" in text, text[-3000:]
+    assert f"stopped at step {reached} on request (rank 1: received SIGTERM)" in text, text[-3000:]
 
 
 MID = ["--config", "{root}/ds_configs/cpu_seq128.json", "--data", "data/seq128", "--max-steps", "4",
@@ -124,7 +124,7 @@ def test_a_stop_mid_step_drops_the_step_saves_the_last_complete_one_and_resumes_
             if p.poll() is None:
                 p.kill()
     assert stopped.returncode == 0, text[-3000:]
-    assert "stopped at step 2 on request (received SIGTERM; step 3 dropped after " in text, text[-3000:]
+    assert "stopped at step 2 on request (received SIGTERM); step 3 dropped after " in text, text[-3000:]
     ckpt = cwd / "mid_stopped" / "checkpoints"
     assert sorted(p.name for p in ckpt.glob("step*")) == ["step0000002"] and (ckpt / "step0000002/complete.json").is_file()
     assert max(losses(cwd / "mid_stopped")) == 2  # step 3 was never taken
