@@ -346,3 +346,13 @@ def test_bench_mfu_is_run_py_count_with_the_old_one_beside_it():
     assert common.mfu(cfg, work, 0.01, "Some New Accelerator") == {"mfu": None, "hfu": None}
     assert common.mfu_old_count(335_000_000, 1000 * 128, "NVIDIA H100 80GB HBM3") == pytest.approx(
         6 * 335e6 * 128e3 / 989e12)
+
+
+def test_one_call_is_issue_28s_order_within_its_total(monkeypatch):
+    from bench import gpu_check
+
+    seen = []
+    monkeypatch.setattr(runner, "run", lambda args, stages: seen.append((stages, args.total)) or 0)
+    assert gpu_check.main(["--smoke", "--one-call"]) == 0
+    assert gpu_check.main(["--smoke", "--one-call", "--total", "300"]) == 0
+    assert seen == [(["m", "y", "b", "c", "o", "s"], 530.0), (["m", "y", "b", "c", "o", "s"], 300.0)]

@@ -72,6 +72,27 @@ def gns_cost(recs: list[dict], skip: int = 2) -> dict:
             "share_at_10": (m - p) / (SHIPPED_GNS_EVERY * p)}
 
 
+def sync_stage_row(args, report, out: Path, name: str, sets: dict) -> None:
+    """One sync-check run and its row."""
+    on_gpu = args.device != "cpu"
+    rc, secs, res = sync_check(args, out, f"sync_{name}", **sets)
+    events = res.get("events", [])
+    watched = res.get("steps_watched", 0)
+    ran = rc == 0 and watched == args.y_steps - ARMED_AFTER
+    # On the GPU a sync is an error (the run stops at it); on the CPU the recorder lists where a
+    # GPU would wait, and the run goes on.
+    ok = ran and not events
+    rec = {"layout": name, "rc": rc, "seconds": secs, **res, "events": events[:10]}
+    if not ran or events:
+        rec["log_tail"] = tail(out / f"sync_{name}.log")
+    first = events[0] if events else None
+    report(f"y.sync.{name}", ok, rec,
+           f"{res.get('mode', 'no result')}: steps {ARMED_AFTER + 1}-{args.y_steps} watched ({watched}), "
+           f"{len(events)} host sync{'s' * (len(events) != 1)}"
+           + (f"; first at step {first['step']}: {first['what'][:160]} at {' <- '.join(reversed(first['where'][-3:]))}"
+              if first else "") + f"; rc {rc}, {secs:.0f} s"
+           + ("" if on_gpu else " (the CUDA check itself needs a GPU)"))
+
 def stage_y(args, report, state: dict) -> None:
     from pretrain.metrics import read_records
 
@@ -79,24 +100,9 @@ def stage_y(args, report, state: dict) -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     on_gpu = args.device != "cpu"
-    for name, sets in (("padded", {}), ("packed", {"packing": "ffd", "compile": "off"})):
-        rc, secs, res = sync_check(args, out, f"sync_{name}", **sets)
-        events = res.get("events", [])
-        watched = res.get("steps_watched", 0)
-        ran = rc == 0 and watched == args.y_steps - ARMED_AFTER
-        # On the GPU a sync is an error (the run stops at it); the CPU's recorder only says where a
-        # GPU would wait, and runs on.
-        ok = (ran and not events) if on_gpu else (None if ran else False)
-        rec = {"layout": name, "rc": rc, "seconds": secs, **res, "events": events[:10]}
-        if not ran or events:
-            rec["log_tail"] = tail(out / f"sync_{name}.log")
-        first = events[0] if events else None
-        report(f"y.sync.{name}", ok, rec,
-               f"{res.get('mode', 'no result')}: steps {ARMED_AFTER + 1}-{args.y_steps} watched ({watched}), "
-               f"{len(events)} host sync{'s' * (len(events) != 1)}"
-               + (f"; first at step {first['step']}: {first['what'][:160]} at {' <- '.join(reversed(first['where'][-3:]))}"
-                  if first else "") + f"; rc {rc}, {secs:.0f} s"
-               + ("" if on_gpu else " (the CUDA check itself needs a GPU)"))
+    # In order of value, so that a cut stage keeps the first: the shipped settings, the noise
+    # scale's cost, packed rows.
+    sync_stage_row(args, report, out, "padded", {})
     # The noise scale's cost: one run, every step logged, measured at every other step.
     steps = args.y_gns_steps
     cfg = phase_config(args, out, 128, micro=args.micro, steps=steps, log_every=1, name="gns", gns_every=2)
@@ -114,3 +120,4 @@ def stage_y(args, report, state: dict) -> None:
            f"{1e3 * cost.get('measured_step_s', float('nan')):.1f} ms: +{1e3 * cost.get('extra_s', float('nan')):.1f} ms "
            f"= {100 * (share if share is not None else float('nan')):.2f}% of a step at gns_every 10 "
            f"(goal <= {100 * GNS_GOAL:.0f}%); rc {rc}, {secs:.0f} s")
+    sync_stage_row(args, report, out, "packed", {"packing": "ffd", "compile": "off"})
