@@ -16,7 +16,7 @@ at phase 1's output: weights always, LAMB moments kept unless ``init_optimizer_s
 
 ``--resume`` continues from the newest complete checkpoint, also on another number of ranks than
 wrote it (a requeued job that got fewer or more nodes): the ZeRO-1/2 optimizer state is
-re-partitioned and the sampler's position converted (``pretrain/checkpoint.py``).
+re-partitioned (``pretrain/zero_reshard.py``) and the sampler's position converted.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from pretrain import checkpoint  # noqa: E402
 from pretrain import config as config_mod  # noqa: E402
 from pretrain import data as data_mod  # noqa: E402
 from pretrain import outdir  # noqa: E402
-from pretrain.distributed import init_distributed  # noqa: E402
+from pretrain.distributed import init_distributed, launcher_rank  # noqa: E402
 from pretrain.gns import NoiseScale  # noqa: E402
 from pretrain.metrics import MetricsLogger, device_name, mfu_peak, peak_memory_gib  # noqa: E402
 from pretrain.model import (bert_config, build_model, check_compile, compile_engine, compiled_graphs,  # noqa: E402
@@ -115,7 +115,7 @@ def check_output(args, cfg, ds_cfg: dict, manifest: dict) -> bool:
         raise config_mod.ConfigError(f"--resume: no complete checkpoint among {', '.join(present)} in {ckpt_dir} "
                                      "(each is unfinished or has missing or truncated files); move them away to start over")
     if args.resume and existing is None:
-        if os.environ.get("RANK", "0") == "0":
+        if launcher_rank() == 0:
             what = f"only unfinished saves ({', '.join(present)}: removed by the first save)" if present else "no checkpoint"
             print(f"--resume: {what} in {ckpt_dir}; starting from step 0", flush=True)
         return False
@@ -483,7 +483,7 @@ class TrainingRun:
                 step, stopping = p["step"], outcome.stop
                 if outcome.applied and step == cfg.max_steps:
                     stopping |= self.acct.flush()  # the run's last flags: a non-finite loss or norm stops it here
-                if outcome.applied and (step % cfg.log_every == 0 or step == cfg.max_steps) or stopping:
+                if stopping or (outcome.applied and (step % cfg.log_every == 0 or step == cfg.max_steps)):
                     self.log()
                 if outcome.applied and self.val_ds is not None and cfg.eval_every and step % cfg.eval_every == 0 \
                         and step < cfg.max_steps:
@@ -531,8 +531,7 @@ def cli(argv=None) -> int:
     try:
         return main(argv)
     except (config_mod.ConfigError, FileNotFoundError) as exc:
-        rank = os.environ.get("RANK") or os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"
-        if rank == "0":  # every rank finds the same error: one line, not N
+        if launcher_rank() == 0:  # every rank finds the same error: one line, not N
             print(f"pretrain: {exc}", file=sys.stderr, flush=True)
         return 2
 

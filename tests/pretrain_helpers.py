@@ -94,8 +94,10 @@ def targets(pgid: int, who: str) -> list[int]:
         return [pgid]
     if who == "launch":
         return [p for p, c in procs.items() if "deepspeed.launcher.launch" in c]
-    if who == "ranks":  # run.py processes whose parent is not a run.py process (not the DataLoader workers)
-        ranks = [p for p, c in procs.items() if "run.py" in c]
+    if who == "ranks":  # run.py processes whose parent is not a run.py process (not the DataLoader workers);
+        # the launchers (DeepSpeed's runner and launch.py, mpiexec) carry run.py in their command lines too
+        ranks = [p for p, c in procs.items()
+                 if "run.py" in c and not any(m in c for m in ("deepspeed.launcher", "mpiexec", "hydra"))]
         parent = {p: int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) for p in ranks}
         return [p for p in ranks if parent[p] not in ranks]
     raise ValueError(who)
