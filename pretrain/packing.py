@@ -74,9 +74,12 @@ def max_rows(micro_batch: int, seq_len: int, pack_len: int) -> int:
 
 
 def bucket_rows(rows: int, micro_batch: int, seq_len: int, pack_len: int, buckets: int = BUCKETS) -> int:
-    """``rows`` rounded up to a multiple of ceil(max_rows / buckets)."""
-    step = math.ceil(max_rows(micro_batch, seq_len, pack_len) / buckets)
-    return math.ceil(rows / step) * step
+    """``rows`` rounded up to a multiple of ceil(max_rows / buckets), and never 1 where more rows
+    can occur: torch.compile specialises a dynamic dimension of size 1, so a lone one-row batch
+    would compile a second graph."""
+    most = max_rows(micro_batch, seq_len, pack_len)
+    step = math.ceil(most / buckets)
+    return max(math.ceil(rows / step) * step, min(2, most))
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ def test_row_counts_come_in_few_buckets():
     assert max_rows(16, 128, 128) == 16
     assert [bucket_rows(r, 16, 128, 128, buckets=8) for r in (1, 2, 3, 15, 16)] == [2, 2, 4, 16, 16]
     # rows of 512 take at least 4 such samples each: up to 4 rows, every count its own shape
-    assert max_rows(16, 128, 512) == 4 and [bucket_rows(r, 16, 128, 512, buckets=8) for r in (1, 3, 4)] == [1, 3, 4]
+    assert max_rows(16, 128, 512) == 4 and [bucket_rows(r, 16, 128, 512, buckets=8) for r in (1, 3, 4)] == [2, 3, 4]
+    assert bucket_rows(1, 1, 128, 128) == 1  # one row is the only shape there: nothing to recompile
     assert len({bucket_rows(r, 256, 128, 128, buckets=8) for r in range(1, 257)}) == 8
     assert len({bucket_rows(r, 256, 128, 128) for r in range(1, 257)}) == 32  # the default
     # rows of 200 hold one sample of <= 128 each: a pack_len not a multiple of seq_len
