@@ -22,7 +22,7 @@
 # (print the commands pretrain/squad would run instead of running them).
 set -euo pipefail
 
-# Exit status of `pretrain --launcher slurm` when a phase stopped on request (a signal) before its
+# Exit status of `pretrain` (any launcher) when a phase stopped on request (a signal) before its
 # last step: its checkpoint is saved and a rerun with --resume continues (EX_TEMPFAIL, "try again").
 STOPPED_EXIT=75
 

@@ -33,7 +33,7 @@ a. LAMB (paper, nvidia, deepspeed) and LARS: ``impl="loop"`` against ``"foreach"
    changing every step: largest relative difference of the weights (target <= 1e-6); the same in
    bf16 against the fp32 loop (bf16 tolerance); how many kernel variants or graphs the default
    path compiled after step 2 and after step 20 (must not grow as lr and step change).
-b. Step time on BERT-Large shapes (335M parameters), interleaved rounds, median:
+b. Step time on BERT-Large shapes (336M parameters), interleaved rounds, median:
    ``torch.optim.AdamW(fused=True)``, our LAMB on each path, and LAMB's memory-traffic bound
    (40 bytes per parameter at a measured device-to-device copy bandwidth). Target: default LAMB
    <= 1.6x AdamW(fused).

@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-lens", type=_ints, default=(128, 512), help="sequence lengths, comma-separated; one "
                    "tokenization serves all")
     b.add_argument("--shards", type=int, default=64, help="shards per seq len; each holds the same number of "
-                   "samples +-1, so any world size dividing it gets equal work")
+                   "samples +-1 (ranks read equal slices of all samples, whatever the count)")
     b.add_argument("--heldout-shards", type=int, default=1,
                    help="the last N shards hold a held-out set split by document: those documents (N/shards of "
                         "all, drawn at random) feed no training sample, not even as a random next segment "

@@ -17,7 +17,7 @@ statistics, without the host waiting for the GPU between logging steps.
 * fp16: DeepSpeed's dynamic loss scaler skips a step whose gradients overflowed (it has already
   synchronised to decide). A skipped step is no step: the step counter, the schedule and the
   statistics only count applied ones; skipped steps are counted and logged with the loss scale;
-  ``max_consecutive_skips`` in a row, or a skip at the minimum scale, stops the run
+  ``max_consecutive_skips`` in a row, or two in a row at the minimum scale, stops the run
   (:class:`TrainingDiverged`). Non-finite losses are the scaler's business under fp16.
 * fp16 at the minimum loss scale: DeepSpeed's scaler raises a bare ``Exception`` from
   ``engine.step()``; :meth:`StepAccountant.optimizer_step` turns it into :class:`TrainingDiverged`.

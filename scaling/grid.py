@@ -13,9 +13,10 @@ warmup as a fraction of the steps, and gradient accumulation when the batch does
 rate at the smallest and the largest batch.
 
 Held-out MLM loss is recorded at ``--eval-points`` points of each run, against steps and samples.
-Results: ``OUTPUT/results.csv`` (every evaluation), ``OUTPUT/summary.json`` (per run: final
-held-out loss, steps and samples to ``--target-loss``, wall time), plots ``loss_vs_samples.png``
-and ``scaling.png`` (with matplotlib), and a table on stdout. A finished run (its ``result.json``
+Results: ``OUTPUT/results.csv`` (every evaluation), ``OUTPUT/results.json`` (every run's result),
+``OUTPUT/summary.json`` (per run: final held-out loss, steps and samples to ``--target-loss``, wall
+time), ``OUTPUT/comparison.md``, plots ``loss_vs_samples.png``, ``scaling.png`` and
+``noise_scale.png`` (with matplotlib), and a table on stdout. A finished run (its ``result.json``
 exists) is not run again: rerun the same command after an interruption, or in the background with
 ``nohup``; rerun with another ``--target-loss`` to recompute the summary without training.
 
