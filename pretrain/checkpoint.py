@@ -63,7 +63,7 @@ def _legacy_complete(tag_dir: Path) -> bool:
     every rank had written, names it or a newer checkpoint of that era."""
     latest_file = tag_dir.parent / "latest"
     try:
-        latest = latest_file.read_text().strip()
+        latest = latest_file.read_bytes().decode("utf-8", "replace").strip()  # damaged: any bytes
     except OSError:
         return False
     return (step_of(latest) is not None and (tag_dir.parent / latest).is_dir()
@@ -341,7 +341,7 @@ def stale_latest(ckpt_dir: Path, tag: str) -> Optional[str]:
     """Why the ``latest`` file does not name ``tag`` (missing, empty, naming a checkpoint that is
     gone or was skipped), or None when it does."""
     try:
-        named = (ckpt_dir / "latest").read_text().strip()
+        named = (ckpt_dir / "latest").read_bytes().decode("utf-8", "replace").strip()  # damaged: any bytes
     except FileNotFoundError:
         return f"{ckpt_dir / 'latest'} is missing"
     except OSError as exc:

@@ -77,16 +77,22 @@ class PretrainConfig:
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"{source}: pretrain.{key} {why}")
 
+        def integer(v) -> bool:  # JSON's 5, not "5", 5.0 or true: a string would fail mid-training
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def number(v) -> bool:
+            return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
         for key in ("seq_len", "max_predictions", "max_steps", "log_every", "keep_checkpoints", "max_consecutive_skips"):
-            if int(getattr(self, key)) <= 0:
+            if not integer(getattr(self, key)) or getattr(self, key) <= 0:
                 raise bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
         for key in ("eval_every", "checkpoint_every", "validation_shards", "num_workers", "eval_samples",
                     "trust_ratio_histogram_every", "gns_every"):
-            if int(getattr(self, key)) < 0:
-                raise bad(key, f"must be >= 0, got {getattr(self, key)!r}")
-        if not 0.0 <= float(self.gns_ema) < 1.0:
+            if not integer(getattr(self, key)) or getattr(self, key) < 0:
+                raise bad(key, f"must be an integer >= 0, got {getattr(self, key)!r}")
+        if not number(self.gns_ema) or not 0.0 <= self.gns_ema < 1.0:
             raise bad("gns_ema", f"must be in [0, 1), got {self.gns_ema!r}")
-        if self.peak_tflops is not None and not float(self.peak_tflops) > 0:
+        if self.peak_tflops is not None and (not number(self.peak_tflops) or not self.peak_tflops > 0):
             raise bad("peak_tflops", f"must be a positive number, got {self.peak_tflops!r}")
         if not isinstance(self.compile, str) or not self.compile:
             raise bad("compile", "must be \"auto\", \"layers\", \"model\", \"off\" or a torch.compile backend name, "
@@ -214,6 +220,10 @@ def check_optimizer_values(ds: dict, source: str) -> None:
     def params(block: str) -> dict:
         p = ds.get(block).get("params") if isinstance(ds.get(block), dict) else None
         return p if isinstance(p, dict) else {}
+
+    if not isinstance(ds.get("optimizer"), dict) or not isinstance(ds["optimizer"].get("type"), str):
+        raise ConfigError(f"{source}: no optimizer block with a \"type\" (e.g. \"optimizer\": {{\"type\": \"Lamb\", "
+                          "\"params\": {\"lr\": 6e-3}})")
 
     for (block, key), (ok, must) in _LIMITS.items():
         if key in params(block) and not (_finite(v := params(block)[key]) and ok(v)):

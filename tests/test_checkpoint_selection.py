@@ -63,3 +63,14 @@ def test_resume_over_unfinished_saves_only_starts_over_and_otherwise_refuses(tmp
     (bad / "mp_rank_00_model_states.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match="no complete checkpoint among step0000010, step0000020"):
         check_output(args, cfg, {}, {})
+
+
+def test_a_latest_file_of_any_bytes_is_reported_not_a_crash(tmp_path):
+    """A damaged ``latest`` (not UTF-8) used to end --resume in a UnicodeDecodeError on every rank."""
+    ckpt = tmp_path / "checkpoints"
+    make(ckpt, 6)
+    make(ckpt, 9)
+    (ckpt / "latest").write_bytes(b"\x00\xffgarbage../../etc")
+    assert checkpoint.latest_tag(ckpt) == "step0000009"
+    why = checkpoint.stale_latest(ckpt, "step0000009")
+    assert why is not None and "not a checkpoint" in why

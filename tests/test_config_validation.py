@@ -56,3 +56,26 @@ def test_values_at_the_edge_of_sense_still_load(tmp_path):
     assert ds["optimizer"]["params"]["lr"] == 1e-5 and ds["scheduler"]["params"]["power"] == 0
     shipped = json.loads(CPU_CONFIG.read_text())["optimizer"]["params"]["lr"]
     assert config_mod.load(CPU_CONFIG, {"data": "d"})[0]["optimizer"]["params"]["lr"] == shipped
+
+
+@pytest.mark.parametrize("assignment,message", [
+    # a string passed validation (int("5") is 5) and then failed at step 1 with a TypeError
+    ('pretrain.log_every="5"', "pretrain.log_every must be a positive integer, got '5'"),
+    ('pretrain.max_steps="ten"', "pretrain.max_steps must be a positive integer, got 'ten'"),
+    ("pretrain.checkpoint_every=2.5", "pretrain.checkpoint_every must be an integer >= 0, got 2.5"),
+    ("pretrain.eval_every=true", "pretrain.eval_every must be an integer >= 0, got True"),
+    ('pretrain.gns_ema="0.9"', "pretrain.gns_ema must be in [0, 1), got '0.9'"),
+])
+def test_pretrain_values_of_the_wrong_type_are_named(assignment, message):
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.load(CPU_CONFIG, {"data": "data/seq128"}, [assignment])
+    assert str(e.value) == f"{CPU_CONFIG}: {message}"
+
+
+def test_a_config_without_an_optimizer_is_named(tmp_path):
+    cfg = json.loads(CPU_CONFIG.read_text())
+    del cfg["optimizer"]
+    path = tmp_path / "no_optimizer.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(config_mod.ConfigError, match=r"no_optimizer.json: no optimizer block with a \"type\""):
+        config_mod.load(path, {"data": "data/seq128"})
