@@ -1,5 +1,3 @@
-import sys
+from pretrain.run import entry
 
-from pretrain.run import cli
-
-sys.exit(cli())
+entry()

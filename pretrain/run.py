@@ -536,5 +536,32 @@ def cli(argv=None) -> int:
         return 2
 
 
+# Messages of a collective whose peer is gone (gloo, NCCL): this rank is not the one that failed.
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "NCCL communicator was aborted",
+             "Broken pipe", "remote process exited")
+
+
+def entry() -> None:
+    """The process entry point. A crash must not leave the process waiting at exit for its
+    DataLoader workers: they ignore SIGTERM (a stop signal is the rank's), so multiprocessing's
+    exit handler, which terminates them with SIGTERM and joins them, would wait for ever (and a
+    launcher only SIGKILLs 30 s later). Say what happened and leave at once."""
+    try:
+        code = cli()
+    except Exception as exc:  # noqa: BLE001 - any crash: reported, then a prompt exit
+        rank = os.environ.get("RANK", str(launcher_rank()))
+        if any(m in str(exc) for m in PEER_LOST):
+            print(f"pretrain: rank {rank}: lost contact with another rank ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:200]}); the rank that failed says why", file=sys.stderr, flush=True)
+        else:
+            import traceback
+
+            traceback.print_exc()
+            print(f"pretrain: rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(cli())
+    entry()
