@@ -143,6 +143,8 @@ def train_vocab(texts: Iterable[str], output: str | Path, vocab_size: int = 3052
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     counts = count_words(texts, lowercase)
+    if not counts:  # e.g. one long line without spaces: its only "word" is over MAX_WORD_CHARS
+        raise DataPrepError(f"vocab: the input holds no word of at most {MAX_WORD_CHARS} characters to train on")
     alphabet: Counter[str] = Counter()
     later: set[str] = set()  # characters after a word's first: the trainer adds "##c" for those it keeps
     for word, n in counts.items():

@@ -129,3 +129,13 @@ def test_a_stop_signal_inside_the_merge_loop_ends_the_run_at_once(tmp_path, sig)
     assert p.returncode == 130 and took < 2, (p.returncode, took)  # before: until the merges end
     assert b"data_prep: stopped (Ctrl-C or SIGTERM)" in seen and b"Traceback" not in seen
     assert not (out / "vocab.txt").exists() and not list(tmp_path.rglob(".vocab.txt.tmp*"))
+
+
+def test_an_input_with_no_word_to_train_on_is_named_and_writes_nothing(tmp_path):
+    """One 5 MB line without spaces alone used to exit 0 with a vocab of the 5 special tokens."""
+    rng = random.Random(4)
+    (tmp_path / "blob.txt").write_text("".join(rng.choices(LETTERS, k=5_000_000)) + "\n")
+    r = vocab_cli(tmp_path / "blob.txt", tmp_path / "out", "--vocab-size", "800", timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "no word of at most 100 characters to train on" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "vocab.txt").exists()
