@@ -106,6 +106,9 @@ def test_bucket_padding_rows_hold_nothing():
 
 
 
+LAMB = {"type": "Lamb", "params": {"lr": 1e-3}}  # a config trains with an optimizer (checked first)
+
+
 @pytest.mark.parametrize("block,message", [
     ({"packing": "histogram"}, "pretrain.packing must be one of ('off', 'ffd'), got 'histogram'"),
     ({"packing": "ffd", "pack_len": 64}, "pretrain.pack_len must be an integer >= seq_len (128), got 64"),
@@ -118,10 +121,10 @@ def test_packing_settings_are_checked(tmp_path, block, message):
     from pretrain import config as config_mod
 
     path = tmp_path / "cfg.json"
-    path.write_text(json.dumps({"train_batch_size": 8, "pretrain": {"data": "d/seq128", **block}}))
+    path.write_text(json.dumps({"train_batch_size": 8, "optimizer": LAMB, "pretrain": {"data": "d/seq128", **block}}))
     with pytest.raises(config_mod.ConfigError, match=re.escape(f"cfg.json: {message}") + "$"):
         config_mod.load(path)
-    path.write_text(json.dumps({"train_batch_size": 8, "pretrain": {"data": "d/seq128", "packing": "ffd",
+    path.write_text(json.dumps({"train_batch_size": 8, "optimizer": LAMB, "pretrain": {"data": "d/seq128", "packing": "ffd",
                                                                     "pack_len": 512}}))
     _, cfg = config_mod.load(path)
     assert (cfg.packing, cfg.pack_len, cfg.pack_buckets) == ("ffd", 512, 32)
